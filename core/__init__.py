@@ -1,0 +1,1 @@
+"""The small core of instructrl: interfaces, registry, recipes, launcher and the Lightning stages."""

@@ -1,0 +1,335 @@
+"""The ``instructrl`` launcher.
+
+    instructrl run RECIPE [key=value ...] [--run-dir DIR] [--dry-run [--json]] [--smoke]
+                                          [--resume | --overwrite] [--no-cache] [--debug]
+    instructrl eval MODEL_DIR [--against SFT_DIR] [--recipe RECIPE] [key=value ...]
+    instructrl plugins [--json]
+    instructrl recipes [--json]
+
+Exit codes: 0 success · 1 a failure while running (named) · 2 bad input · 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import InstructrlError, UserInputError
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]-]*=")
+
+
+class ArgumentError(UserInputError):
+    """A command-line usage error."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises (exit code 2 through the one error path) instead of exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ArgumentError(f"{self.prog}: {message}")
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="instructrl", description="InstructGPT-style RLHF: recipes, plugins, sweeps.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    run = sub.add_parser("run", help="run a recipe (bundled name or path)")
+    run.add_argument("recipe")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="OmegaConf dotlist overrides")
+    run.add_argument("--run-dir", help="run directory (default: runs/<recipe>-<time>)")
+    run.add_argument(
+        "--dry-run", action="store_true", help="resolve and validate, print the plan, write nothing"
+    )
+    run.add_argument(
+        "--json", action="store_true", help="machine-readable output (with --dry-run, or the final summary)"
+    )
+    run.add_argument("--smoke", action="store_true", help="tiny sizes (seconds to a minute on a CPU)")
+    run.add_argument(
+        "--resume", action="store_true", help="continue a killed run in --run-dir from its checkpoints"
+    )
+    run.add_argument("--overwrite", action="store_true", help="replace a non-empty --run-dir")
+    run.add_argument(
+        "--no-cache", action="store_true", help="build every stage in the run dir, bypassing the stage cache"
+    )
+    run.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
+    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    ev = sub.add_parser("eval", help="evaluate a policy dir against an SFT dir on held-out prompts")
+    ev.add_argument("model_dir")
+    ev.add_argument("overrides", nargs="*", metavar="key=value")
+    ev.add_argument("--against", help="the SFT (reference) model dir (default: the recipe's policy.model)")
+    ev.add_argument(
+        "--recipe", default="ppo", help="recipe for the task, reward and eval settings (default: ppo)"
+    )
+    ev.add_argument("--out", help="write summary.json and samples here")
+    ev.add_argument("--smoke", action="store_true")
+    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
+    pl = sub.add_parser("plugins", help="list every registered component")
+    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
+    rc = sub.add_parser("recipes", help="list the bundled recipes")
+    rc.add_argument("--json", action="store_true")
+    rc.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
+    for extension in _extensions():
+        extension(sub)
+    return p
+
+
+def _extensions() -> list[Callable[[Any], None]]:
+    """Sub-commands defined elsewhere in the package (sweep, report)."""
+    out = []
+    try:
+        from . import sweep
+
+        out.append(sweep.add_commands)
+    except ImportError:
+        pass
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .registry import KINDS, get_registry
+
+    reg = get_registry()
+    rows = [s.as_dict() for s in reg.all()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    for kind in KINDS:
+        specs = [r for r in rows if r["kind"] == kind]
+        print(f"{kind} ({KINDS[kind].recipe_key})")
+        for r in specs:
+            print(f"  {r['name']:<22} {r['package']:<16} {r['description']}")
+        if not specs:
+            print("  (none)")
+    return EXIT_OK
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from .config import bundled_recipes, load_yaml
+
+    rows = []
+    for name, path in bundled_recipes().items():
+        cfg = load_yaml(path)
+        rows.append({"name": name, "description": str(cfg.get("description") or ""), "path": str(path)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['name']:<14} {r['description']}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .api import describe
+    from .config import load_recipe
+    from .runner import default_run_dir, run_recipe
+
+    if args.resume and args.overwrite:
+        raise ArgumentError("instructrl run: --resume and --overwrite cannot be combined")
+    if args.resume and not args.run_dir:
+        raise ArgumentError("instructrl run: --resume needs --run-dir (the run to continue)")
+    overrides = list(args.overrides)
+    if args.quiet:
+        overrides.insert(0, "trainer.enable_progress_bar=false")
+    recipe = load_recipe(args.recipe, overrides, smoke=args.smoke)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.recipe)
+    if args.dry_run:
+        info = describe(recipe, run_dir, use_cache=not args.no_cache)
+        print(json.dumps(info, indent=2, default=str) if args.json else format_dry_run(info))
+        return EXIT_OK
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
+    summary = run_recipe(
+        recipe,
+        run_dir,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        use_cache=not args.no_cache,
+        argv=["instructrl", *argv],
+        log=log,
+    )
+    from .stages.common import is_global_zero
+
+    if is_global_zero():
+        print(json.dumps(summary, indent=2) if args.json else format_summary(summary, run_dir))
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .config import load_recipe
+    from .stages.common import StageContext
+    from .stages.evaluate import run_evaluation
+
+    recipe = load_recipe(args.recipe, args.overrides, smoke=args.smoke)
+    against = args.against or getattr(recipe.choice("policy").config, "model", None)
+    if not against or str(against).startswith("@"):
+        raise ArgumentError(
+            "instructrl eval: pass --against SFT_DIR (the recipe's policy.model is a stage reference)"
+        )
+    out = Path(args.out) if args.out else Path(args.model_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = StageContext(recipe, "eval", out, {}, run_name=out.name)
+    reward = recipe.choice("reward").config
+    if str(getattr(reward, "model", "")).startswith("@"):
+        # a standalone evaluation has no RM stage: judge with the task's gold judge only
+        recipe.choices["reward"] = type(recipe.choice("reward"))("reward_model", "gold", None, "reward")
+    summary = run_evaluation(ctx, args.model_dir, str(against), None)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary, out))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+
+
+HEADLINE = [
+    ("eval/win_rate_vs_sft", "win rate vs SFT (T=1, ties ½)"),
+    ("eval/strict_win", "strict wins"),
+    ("eval/strict_loss", "strict losses"),
+    ("eval/win_rate_vs_sft_greedy", "win rate vs SFT (greedy)"),
+    ("eval/gold_score", "gold score: RL"),
+    ("eval/gold_score_sft", "gold score: SFT"),
+    ("eval/rm_score", "RM score: RL"),
+    ("eval/kl_to_sft", "KL to SFT (nats/response)"),
+    ("eval/pretrain_loss_base", "pretrain-text loss: base"),
+    ("eval/pretrain_loss_sft", "pretrain-text loss: SFT"),
+    ("eval/pretrain_loss", "pretrain-text loss: RL"),
+    ("rm/accuracy", "RM accuracy vs gold (held out)"),
+    ("rm/labeler_ceiling", "labeler ceiling"),
+    ("eval/n_prompts", "held-out prompts"),
+    ("time/total_s", "wall time (s)"),
+]
+
+
+def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
+    """The result table printed at the end of a run."""
+    rows = [(label, summary[key]) for key, label in HEADLINE if key in summary]
+    rows += [(k, v) for k, v in sorted(summary.items()) if k.startswith("rm/accuracy/")]
+    if not rows:
+        rows = [(k, v) for k, v in sorted(summary.items()) if isinstance(v, (int, float))][:20]
+    width = max(len(r[0]) for r in rows) if rows else 10
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -------"]
+    for label, value in rows:
+        v = f"{value:.4f}" if isinstance(value, float) else str(value)
+        lines.append(f"{label:<{width}}  {v}")
+    lines.append(f"\nrun dir: {run_dir}  (summary.json, config.yaml, <stage>/metrics.csv)")
+    return "\n".join(lines)
+
+
+def format_dry_run(info: dict[str, Any]) -> str:
+    from omegaconf import OmegaConf
+
+    out = ["# resolved config", OmegaConf.to_yaml(OmegaConf.create(info["config"])).rstrip(), "", "# plan"]
+    for s in info["plan"]:
+        where = f" → {s['dir']}" if s["dir"] else ""
+        extra = "" if s["in_recipe"] else " (dependency)"
+        note = f"  {s['note']}" if s["note"] else ""
+        out.append(f"  {s['stage']:<9} {s['status']:<8}{where}{extra}{note}")
+    out.append("\n# derived")
+    for stage, d in info["derived"].items():
+        out.append(f"  {stage}:")
+        for k, v in d.items():
+            out.append(f"    {k}: {v}")
+    if info["paths"]:
+        out.append("\n# model paths")
+        for p in info["paths"]:
+            out.append(f"  {p['key']:<24} {p['status']:<15} {p['path']}")
+    if info["ignored_keys"]:
+        out.append("\n# ignored (belong to a component that is not selected)")
+        out += [f"  {k}" for k in info["ignored_keys"]]
+    out.append("\nvalid; nothing was written (--dry-run)")
+    return "\n".join(out)
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Keep library chatter (device banners, new-head warnings) out of the way."""
+    if verbose:
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import lightning.pytorch  # noqa: F401  (sets its loggers to INFO on import; lower them after)
+    import transformers
+
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for pattern in (
+        r".*does not have many workers.*",
+        r".*LeafSpec.*",
+        r".*is deprecated.*",
+        r".*Checkpoint directory.*exists.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the launcher with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        # key=value overrides may sit anywhere after the sub-command (argparse cannot interleave
+        # a variadic positional with options), so they are taken out first.
+        overrides = [a for a in argv[1:] if OVERRIDE.match(a)]
+        rest = [argv[0], *[a for a in argv[1:] if not OVERRIDE.match(a)]] if argv else argv
+        args = parser.parse_args(rest)
+        if hasattr(args, "overrides"):
+            args.overrides = [*args.overrides, *overrides]
+        elif overrides:
+            raise ArgumentError(
+                f"instructrl {args.command}: unexpected key=value arguments: {' '.join(overrides)}"
+            )
+        debug = debug or getattr(args, "debug", False)
+        quiet_libraries()
+        if args.command is None:
+            parser.print_help()
+            return EXIT_BAD_INPUT
+        if args.command == "run":
+            return cmd_run(args, argv)
+        if args.command == "eval":
+            return cmd_eval(args)
+        if args.command == "plugins":
+            return cmd_plugins(args)
+        if args.command == "recipes":
+            return cmd_recipes(args)
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except InstructrlError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # a bug or an environment problem: name it, traceback with --debug
+        if debug:
+            traceback.print_exc()
+        print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def entry_point() -> None:
+    """The ``instructrl`` console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

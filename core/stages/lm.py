@@ -1,0 +1,339 @@
+"""Language-model stages: **pretrain** (the tiny base LM on the task's corpus; stands in for GPT-3)
+and **sft** (supervised fine-tuning on the labeler demonstrations, loss on the response)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import DataError
+from ..models import (
+    build_causal_lm,
+    count_parameters,
+    load_causal_lm,
+    load_tokenizer,
+    save_model_dir,
+    set_dropout,
+    train_tokenizer,
+)
+from ..ops import logprobs_from_logits
+from ..types import position_ids_from_mask
+from .common import StageContext, fit, is_global_zero, lr_lambda, make_trainer, seed_everything, write_json
+
+
+class CausalLMModule(pl.LightningModule):
+    """Next-token loss on the tokens where ``loss_mask`` is 1 (all real tokens, or the response).
+
+    Batches are dicts of ``input_ids (B, T)``, ``attention_mask (B, T)``, ``loss_mask (B, T)``
+    (1 where token ``t`` is a target).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        lr: float,
+        weight_decay: float,
+        total_steps: int,
+        warmup_steps: int,
+        schedule: str,
+        prefix: str,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.lr, self.weight_decay = lr, weight_decay
+        self.total_steps, self.warmup_steps, self.schedule = total_steps, warmup_steps, schedule
+        self.prefix = prefix
+
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Mean next-token cross-entropy over target tokens, and the number of targets."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        logits = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
+        ).logits
+        target = batch["loss_mask"][:, 1:].float()
+        logp = logprobs_from_logits(logits[:, :-1], ids[:, 1:])
+        n = target.sum()
+        return -(logp * target).sum() / n.clamp_min(1.0), n
+
+    def on_fit_start(self) -> None:
+        self.model.train()  # HF loads in eval mode; SFT dropout (sft.dropout) needs train mode
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, _ = self.loss(batch)
+        self.log(f"{self.prefix}/loss", loss, prog_bar=True)
+        self.log(f"{self.prefix}/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        loss, n = self.loss(batch)
+        self.log(
+            f"{self.prefix}/val_loss", loss, prog_bar=True, sync_dist=True, batch_size=int(n.item()) or 1
+        )
+
+    def configure_optimizers(self) -> Any:
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr,
+            betas=(0.9, 0.95),
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(self.total_steps, self.warmup_steps, self.schedule)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class PackedText(Dataset):
+    """Documents tokenized (BOS … EOS), concatenated and cut into ``(seq_len,)`` chunks."""
+
+    def __init__(self, tokenizer: Any, docs: Sequence[str], seq_len: int) -> None:
+        stream: list[int] = []
+        for doc in docs:
+            stream += tokenizer(doc, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+        n = len(stream) // seq_len
+        if n == 0:
+            raise DataError(f"pretraining text: {len(stream)} tokens is fewer than one sequence of {seq_len}")
+        self.data = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        x = self.data[i]
+        ones = torch.ones_like(x)
+        return {"input_ids": x, "attention_mask": ones, "loss_mask": ones}
+
+
+def tokenize_docs(tokenizer: Any, docs: Sequence[str], max_len: int) -> list[list[int]]:
+    """Each document as BOS + tokens + EOS, truncated to ``max_len``."""
+    return [
+        (tokenizer(d, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id])[:max_len]
+        for d in docs
+    ]
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-padded ``(B, T)`` ids and mask."""
+    t = max(len(r) for r in rows)
+    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), t), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+class Demos(Dataset):
+    """SFT examples: BOS + prompt + response + EOS; the loss mask covers the response (and EOS)."""
+
+    def __init__(
+        self, tokenizer: Any, pairs: Sequence[tuple[str, str]], max_len: int, response_only: bool
+    ) -> None:
+        self.rows: list[tuple[list[int], int]] = []
+        for prompt, response in pairs:
+            p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids = (p + r)[-max_len:]
+            start = max(1, len(ids) - len(r)) if response_only else 1
+            self.rows.append((ids, start))
+        self.pad_id = tokenizer.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[list[int], int]:
+        return self.rows[i]
+
+    def collate(self, items: Sequence[tuple[list[int], int]]) -> dict[str, Tensor]:
+        ids, mask = pad_right([r for r, _ in items], self.pad_id)
+        loss_mask = mask.clone()
+        for i, (_, start) in enumerate(items):
+            loss_mask[i, :start] = 0
+        return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
+
+
+def collate_docs(pad_id: int) -> Any:
+    def collate(items: Sequence[list[int]]) -> dict[str, Tensor]:
+        ids, mask = pad_right(items, pad_id)
+        return {"input_ids": ids, "attention_mask": mask, "loss_mask": mask}
+
+    return collate
+
+
+# ============================================================================================
+# pretrain
+# ============================================================================================
+
+
+class PretrainStage:
+    """Train the tiny base LM (and its tokenizer) on the task's pretraining corpus."""
+
+    name = "pretrain"
+    reads = ("task", "base", "pretrain", "trainer")
+    cacheable = True
+
+    def describe(self, recipe: Any) -> dict[str, Any]:
+        base, pre = recipe.section("base"), recipe.section("pretrain")
+        if base.model:
+            return {"skipped": f"base.model is set: {base.model}"}
+        devices = _devices(recipe)
+        return {
+            "model": f"{base.arch} hidden={base.hidden_size} layers={base.layers} heads={base.heads}",
+            "tokenizer": base.tokenizer,
+            "steps": pre.steps,
+            "tokens_per_step": pre.batch_size * pre.seq_len * devices,
+            "total_tokens": pre.steps * pre.batch_size * pre.seq_len * devices,
+        }
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        recipe = ctx.recipe
+        base, cfg = recipe.section("base"), recipe.section("pretrain")
+        seed_everything(cfg.seed)
+        task = ctx.build_task()
+        docs = list(task.pretraining_text("train"))
+        eval_docs = list(task.pretraining_text("eval"))
+        if not docs:
+            raise DataError(
+                "task: the pretrain stage needs pretraining text (task.pretraining_text('train') is empty)"
+            )
+        # The tokenizer sees the corpus and the instruction data so every symbol has a token.
+        extra = [d.prompt.text + d.response for d in task.demonstrations()] + [
+            p.text for p in task.prompts("rl")
+        ]
+        tokenizer = train_tokenizer(docs + extra, base.tokenizer, base.vocab_size)
+        model = build_causal_lm(base, tokenizer)
+        model.config._attn_implementation = "eager"  # fastest at this size on CPU (benchmarks/)
+        train = PackedText(tokenizer, docs, cfg.seq_len)
+        val_rows = tokenize_docs(tokenizer, eval_docs[:256], cfg.seq_len)
+        module = CausalLMModule(
+            model,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            total_steps=cfg.steps,
+            warmup_steps=cfg.warmup_steps,
+            schedule="cosine",
+            prefix="pretrain",
+        )
+        gen = torch.Generator().manual_seed(cfg.seed)
+        loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=True)
+        val = (
+            DataLoader(val_rows, batch_size=64, collate_fn=collate_docs(tokenizer.pad_token_id))
+            if val_rows
+            else None
+        )
+        val_every = max(1, min(cfg.steps, 500))
+        trainer = make_trainer(
+            ctx,
+            max_steps=cfg.steps,
+            max_epochs=-1,
+            val_check_interval=val_every,
+            check_val_every_n_epoch=None,
+            enable_checkpointing=False,
+        )
+        fit(trainer, module, loader, val)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if is_global_zero():
+            save_model_dir(model, tokenizer, ctx.model_dir)
+        trainer.strategy.barrier()
+        summary = {
+            "pretrain/params": count_parameters(model),
+            "pretrain/vocab_size": len(tokenizer),
+            "pretrain/loss": metrics.get("pretrain/loss", float("nan")),
+            "pretrain/val_loss": metrics.get("pretrain/val_loss", float("nan")),
+        }
+        write_json(ctx.stage_dir / "summary.json", summary)
+        return summary
+
+
+# ============================================================================================
+# sft
+# ============================================================================================
+
+
+class SFTStage:
+    """Fine-tune on the labeler demonstrations (loss on the response tokens by default)."""
+
+    name = "sft"
+    reads = ("task", "sft", "trainer")
+    cacheable = True
+
+    def describe(self, recipe: Any) -> dict[str, Any]:
+        cfg = recipe.section("sft")
+        return {
+            "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size * _devices(recipe),
+            "lr": cfg.lr,
+            "schedule": cfg.schedule,
+            "loss": "response tokens" if cfg.response_only else "all tokens",
+        }
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        recipe = ctx.recipe
+        cfg = recipe.section("sft")
+        seed_everything(cfg.seed)
+        src = ctx.resolve(cfg.model, "sft.model")
+        tokenizer = load_tokenizer(src, "sft.model")
+        model = load_causal_lm(src, "sft.model", tokenizer=tokenizer, dropout=cfg.dropout)
+        task = ctx.build_task()
+        demos = list(task.demonstrations())
+        if len(demos) < 2:
+            raise DataError(f"task: the sft stage needs demonstrations (got {len(demos)})")
+        pairs = [(d.prompt.text, d.response) for d in demos]
+        random.Random(cfg.seed).shuffle(pairs)
+        n_val = int(round(len(pairs) * cfg.val_fraction))
+        max_len = (
+            int(model.config.max_position_embeddings)
+            if hasattr(model.config, "max_position_embeddings")
+            else 1024
+        )
+        train = Demos(tokenizer, pairs[n_val:], max_len, cfg.response_only)
+        val = Demos(tokenizer, pairs[:n_val], max_len, cfg.response_only) if n_val else None
+        steps_per_epoch = max(1, len(train) // (cfg.batch_size * _devices(recipe)))
+        total = steps_per_epoch * cfg.epochs
+        module = CausalLMModule(
+            model,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            total_steps=total,
+            warmup_steps=int(cfg.warmup_ratio * total),
+            schedule=cfg.schedule,
+            prefix="sft",
+        )
+        gen = torch.Generator().manual_seed(cfg.seed)
+        loader = DataLoader(
+            train,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            generator=gen,
+            collate_fn=train.collate,
+            drop_last=len(train) > cfg.batch_size,
+        )
+        vloader = DataLoader(val, batch_size=64, collate_fn=val.collate) if val else None
+        trainer = make_trainer(ctx, max_epochs=cfg.epochs, enable_checkpointing=False)
+        fit(trainer, module, loader, vloader)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        set_dropout(model, 0.0)
+        if is_global_zero():
+            save_model_dir(model, tokenizer, ctx.model_dir)
+        trainer.strategy.barrier()
+        summary = {
+            "sft/loss": metrics.get("sft/loss", float("nan")),
+            "sft/val_loss": metrics.get("sft/val_loss", float("nan")),
+            "sft/n_demos": len(demos),
+            "sft/steps": total,
+        }
+        write_json(ctx.stage_dir / "summary.json", summary)
+        return summary
+
+
+def _devices(recipe: Any) -> int:
+    devices = recipe.cfg.trainer.get("devices", 1)
+    return int(devices) if isinstance(devices, int) and devices > 0 else 1

@@ -1,0 +1,352 @@
+"""The **rm** stage: the SFT model with a scalar head, trained on the labeler's K-way rankings.
+
+Loss (Ouyang et al. 2022, eq. 1), with all pairs of one prompt in one batch element::
+
+    loss(θ) = −1/|prompts| Σ_prompt 1/n_pairs(prompt) Σ_(w,l) log σ(r_θ(x, y_w) − r_θ(x, y_l))
+
+where ``n_pairs`` counts the prompt's non-tied pairs (``C(K, 2)`` when nothing ties). Held-out
+pairwise accuracy is measured against the gold judge (pairs whose gold scores differ) with
+torchmetrics, beside the labeler's own agreement with the gold judge (the ceiling).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAccuracy
+
+from ..errors import DataError
+from ..models import (
+    REWARD_STATS_FILE,
+    load_scalar_head_model,
+    load_tokenizer,
+    save_model_dir,
+    score_last_token,
+)
+from ..types import Completion, Prompt, Ranking, TokenBatch
+from .common import (
+    StageContext,
+    batched,
+    encode_pairs,
+    fit,
+    is_global_zero,
+    lr_lambda,
+    make_trainer,
+    seed_everything,
+    write_json,
+)
+
+
+class RankingBatch(NamedTuple):
+    """Several prompts' rankings flattened into one TokenBatch.
+
+    Attributes:
+        batch: ``(N, P + R)`` every response of every prompt.
+        winners / losers: ``(M,)`` row indices of each non-tied pair.
+        weights: ``(M,)`` ``1 / n_pairs`` of the pair's prompt.
+        n_prompts: prompts in the batch.
+    """
+
+    batch: TokenBatch
+    winners: Tensor
+    losers: Tensor
+    weights: Tensor
+    n_prompts: int
+
+
+def rm_loss(scores: Tensor, winners: Tensor, losers: Tensor, weights: Tensor, n_prompts: int) -> Tensor:
+    """InstructGPT RM loss: ``−Σ_pairs w · log σ(r_w − r_l) / n_prompts``.
+
+    Args:
+        scores: ``(N,)`` rewards of every response in the batch.
+        winners, losers: ``(M,)`` indices into ``scores``.
+        weights: ``(M,)`` per-pair weight ``1 / n_pairs(prompt)``.
+        n_prompts: number of prompts (batch elements).
+    """
+    return -(weights * F.logsigmoid(scores[winners] - scores[losers])).sum() / n_prompts
+
+
+def collate_rankings(
+    tokenizer: Any, rankings: Sequence[Ranking], max_prompt: int, max_response: int
+) -> RankingBatch:
+    """Flatten rankings into one TokenBatch plus pair indices and weights."""
+    prompts: list[str] = []
+    completions: list[Completion] = []
+    winners: list[int] = []
+    losers: list[int] = []
+    weights: list[float] = []
+    for r in rankings:
+        offset = len(completions)
+        prompts += [r.prompt.text] * len(r.responses)
+        completions += list(r.responses)
+        pairs = r.pairs()
+        for w, lo in pairs:
+            winners.append(offset + w)
+            losers.append(offset + lo)
+            weights.append(1.0 / len(pairs))
+    batch = encode_pairs(tokenizer, prompts, completions, max_prompt, max_response)
+    return RankingBatch(
+        batch,
+        torch.tensor(winners, dtype=torch.long),
+        torch.tensor(losers, dtype=torch.long),
+        torch.tensor(weights),
+        len(rankings),
+    )
+
+
+class RewardModelModule(pl.LightningModule):
+    """Trains a scalar-head model with :func:`rm_loss`."""
+
+    def __init__(
+        self, model: torch.nn.Module, *, lr: float, weight_decay: float, total_steps: int, warmup_steps: int
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.lr, self.weight_decay, self.total_steps, self.warmup_steps = (
+            lr,
+            weight_decay,
+            total_steps,
+            warmup_steps,
+        )
+        self.train_acc = MeanMetric()
+
+    def on_fit_start(self) -> None:
+        self.model.train()  # dropout is 0; train mode keeps Lightning's mode checks quiet
+
+    def training_step(self, rb: RankingBatch, batch_idx: int) -> Tensor:
+        scores = score_last_token(self.model, rb.batch)
+        loss = rm_loss(scores, rb.winners, rb.losers, rb.weights, rb.n_prompts)
+        acc = (scores[rb.winners] > scores[rb.losers]).float()
+        self.train_acc.update(acc)
+        self.log("rm/loss", loss, prog_bar=True, batch_size=rb.n_prompts)
+        self.log("rm/train_accuracy", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
+        self.log("rm/margin", (scores[rb.winners] - scores[rb.losers]).mean(), batch_size=rb.n_prompts)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(self.total_steps, self.warmup_steps, "cosine")
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, RankingBatch):
+            tb = batch.batch
+            tb = TokenBatch(*(t.to(device) if isinstance(t, Tensor) else t for t in tb))
+            return RankingBatch(
+                tb,
+                batch.winners.to(device),
+                batch.losers.to(device),
+                batch.weights.to(device),
+                batch.n_prompts,
+            )
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+
+def make_sampler(
+    policy: Any,
+    tokenizer: Any,
+    *,
+    temperature: float,
+    max_new_tokens: int,
+    max_prompt: int,
+    batch_size: int = 256,
+) -> Any:
+    """A ``sample(prompts, k)`` function drawing ``k`` completions per prompt from ``policy``."""
+    from .common import encode_prompts
+
+    def sample(prompts: Sequence[Prompt], k: int) -> list[list[Completion]]:
+        flat = [p.text for p in prompts for _ in range(k)]
+        out: list[Completion] = []
+        for chunk in batched(flat, batch_size):
+            ids, mask = encode_prompts(tokenizer, chunk, max_prompt)
+            out += policy.generate(
+                ids, mask, max_new_tokens=max_new_tokens, temperature=temperature
+            ).completions
+        return [out[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+    return sample
+
+
+@torch.no_grad()
+def evaluate_rankings(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rankings: Sequence[Ranking],
+    task: Any,
+    max_prompt: int,
+    max_response: int,
+) -> dict[str, float]:
+    """Held-out pairwise accuracy of the RM against the gold judge and against the labeler.
+
+    - ``rm/accuracy``: over pairs whose gold scores differ, the RM orders them as gold does.
+    - ``rm/labeler_ceiling``: the labeler's agreement with gold on the same pairs (ties count ½):
+      an RM trained on this labeler cannot be expected to beat it.
+    - ``rm/accuracy_vs_labeler``: over the labeler's non-tied pairs.
+    - ``rm/accuracy/<kind>``: accuracy vs gold split by the task's kind of pair (if it has one).
+    """
+    model.eval()
+    acc_gold, acc_lab, ceiling = BinaryAccuracy(), BinaryAccuracy(), MeanMetric()
+    kinds: dict[str, BinaryAccuracy] = {}
+    pair_kind = getattr(task, "pair_kind", None)
+    for chunk in batched(list(rankings), 32):
+        rb = collate_rankings(tokenizer, chunk, max_prompt, max_response)
+        scores = score_last_token(model, rb.batch)
+        offset = 0
+        for r in chunk:
+            k = len(r.responses)
+            s = scores[offset : offset + k]
+            offset += k
+            for w, lo in r.pairs():
+                acc_lab.update((s[w] > s[lo]).float().view(1), torch.ones(1, dtype=torch.long))
+            if task.gold is None:
+                continue
+            g = task.gold.score([r.prompt] * k, list(r.responses))
+            for i in range(k):
+                for j in range(i + 1, k):
+                    if g[i] == g[j]:
+                        continue
+                    target = torch.tensor([1 if g[i] > g[j] else 0])
+                    pred = (s[i] > s[j]).float().view(1)
+                    acc_gold.update(pred, target)
+                    same = r.ranks[i] == r.ranks[j]
+                    agree = 0.5 if same else float((r.ranks[i] < r.ranks[j]) == (g[i] > g[j]))
+                    ceiling.update(torch.tensor(agree))
+                    if pair_kind is not None:
+                        kind = str(pair_kind(r.prompt, r.responses[i], r.responses[j]))
+                        kinds.setdefault(kind, BinaryAccuracy()).update(pred, target)
+    out = {"rm/accuracy_vs_labeler": float(acc_lab.compute()) if acc_lab.update_count else float("nan")}
+    if task.gold is not None and acc_gold.update_count:
+        out["rm/accuracy"] = float(acc_gold.compute())
+        out["rm/labeler_ceiling"] = float(ceiling.compute())
+        out["rm/n_eval_pairs"] = int(acc_gold.update_count)
+        for kind, metric in sorted(kinds.items()):
+            out[f"rm/accuracy/{kind}"] = float(metric.compute())
+            out[f"rm/n_pairs/{kind}"] = int(metric.update_count)
+    return out
+
+
+@torch.no_grad()
+def score_texts(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    completions: Sequence[Completion],
+    max_prompt: int,
+    max_response: int,
+) -> Tensor:
+    """``(N,)`` RM scores of prompt/completion pairs, in batches."""
+    model.eval()
+    out = []
+    for lo in range(0, len(prompts), 128):
+        tb = encode_pairs(
+            tokenizer, prompts[lo : lo + 128], completions[lo : lo + 128], max_prompt, max_response
+        )
+        out.append(score_last_token(model, tb))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+class RMStage:
+    """Train the reward model on K-way rankings of SFT samples."""
+
+    name = "rm"
+    reads = ("task", "rm", "trainer")
+    cacheable = True
+
+    def describe(self, recipe: Any) -> dict[str, Any]:
+        cfg = recipe.section("rm")
+        return {
+            "epochs": cfg.epochs,
+            "prompts_per_step": cfg.batch_size,
+            "lr": cfg.lr,
+            "sample_temperature": cfg.sample_temperature,
+        }
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        recipe = ctx.recipe
+        cfg = recipe.section("rm")
+        seed_everything(cfg.seed)
+        src = ctx.resolve(cfg.model, "rm.model")
+        tokenizer = load_tokenizer(src, "rm.model")
+        task = ctx.build_task()
+        max_prompt = 128
+        # 1. The labeler ranks K samples of the SFT policy per prompt.
+        policy = ctx.build_policy(src)
+        sample = make_sampler(
+            policy,
+            tokenizer,
+            temperature=cfg.sample_temperature,
+            max_new_tokens=cfg.max_new_tokens,
+            max_prompt=max_prompt,
+        )
+        train = list(task.rankings("train", sample))
+        held_out = list(task.rankings("eval", sample))
+        if not train:
+            raise DataError("task: no rankings with at least one non-tied pair for the rm stage")
+        del policy
+        max_response = cfg.max_new_tokens + 1
+        random.Random(cfg.seed).shuffle(train)
+        # 2. Train the scalar head model (initialised from SFT).
+        model = load_scalar_head_model(src, "rm.model", tokenizer=tokenizer)
+        devices = recipe.cfg.trainer.get("devices", 1)
+        devices = devices if isinstance(devices, int) and devices > 0 else 1
+        steps = max(1, len(train) // (cfg.batch_size * devices)) * cfg.epochs
+        module = RewardModelModule(
+            model,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            total_steps=steps,
+            warmup_steps=int(cfg.warmup_ratio * steps),
+        )
+        gen = torch.Generator().manual_seed(cfg.seed)
+        loader = DataLoader(
+            train,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            generator=gen,
+            collate_fn=lambda rs: collate_rankings(tokenizer, rs, max_prompt, max_response),
+        )
+        trainer = make_trainer(ctx, max_epochs=cfg.epochs, enable_checkpointing=False)
+        fit(trainer, module, loader)
+        fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        # 3. Held-out accuracy and the demonstrations' mean score (demo_bias reads it in RL).
+        metrics = evaluate_rankings(model, tokenizer, held_out, task, max_prompt, max_response)
+        demos = list(task.demonstrations())
+        demo_scores = score_texts(
+            model,
+            tokenizer,
+            [d.prompt.text for d in demos],
+            [Completion(d.response, True) for d in demos],
+            max_prompt,
+            max_response,
+        )
+        stats = {
+            "demo_mean": float(demo_scores.mean()),
+            "demo_std": float(demo_scores.std()) if len(demo_scores) > 1 else 0.0,
+        }
+        n_pairs = sum(len(r.pairs()) for r in train)
+        possible = sum(len(r.responses) * (len(r.responses) - 1) // 2 for r in train)
+        summary = {
+            **metrics,
+            "rm/loss": fit_metrics.get("rm/loss", float("nan")),
+            "rm/train_accuracy": fit_metrics.get("rm/train_accuracy", float("nan")),
+            "rm/n_train_prompts": len(train),
+            "rm/n_train_pairs": n_pairs,
+            "rm/tie_rate": 1.0 - n_pairs / max(1, possible),
+            "rm/demo_mean": stats["demo_mean"],
+        }
+        if is_global_zero():
+            save_model_dir(model, tokenizer, ctx.model_dir)
+            write_json(ctx.model_dir / REWARD_STATS_FILE, stats)
+        trainer.strategy.barrier()
+        write_json(ctx.stage_dir / "summary.json", summary)
+        return summary

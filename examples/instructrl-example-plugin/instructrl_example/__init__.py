@@ -1,0 +1,1 @@
+"""An example instructrl plugin package."""

@@ -1,0 +1,1 @@
+"""Built-in tasks: the simulated-labeler world and JSONL files."""

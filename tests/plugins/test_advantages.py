@@ -1,0 +1,150 @@
+"""Advantage estimators against hand values and plain-loop implementations with padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from instructrl.core.config_schema import validate
+from instructrl.core.errors import ConfigError
+from instructrl.core.registry import BuildContext
+from instructrl.core.types import AdvantageInput
+from instructrl.plugins.advantages import GAEConfig, discounted_returns, gae, grpo_advantages, rloo_advantages
+
+
+def random_padded(b=6, r=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, r + 1, (b,), generator=g)
+    mask = (torch.arange(r).unsqueeze(0) < lengths.unsqueeze(1)).float()
+    rewards = torch.randn(b, r, generator=g) * mask
+    values = torch.randn(b, r, generator=g) * mask
+    return rewards, values, mask, lengths
+
+
+def test_gae_by_hand():
+    # one sequence of 3 tokens, γ = 1, λ = 0.5; V = [1, 2, 3], r = [0, 0, 1]
+    # δ = [0 + 2 - 1, 0 + 3 - 2, 1 + 0 - 3] = [1, 1, -2]
+    # A_2 = -2; A_1 = 1 + 0.5·(-2) = 0; A_0 = 1 + 0.5·0 = 1
+    adv, ret = gae(
+        torch.tensor([[0.0, 0.0, 1.0, 0.0]]),
+        torch.tensor([[1.0, 2.0, 3.0, 9.0]]),
+        torch.tensor([[1.0, 1.0, 1.0, 0.0]]),
+        1.0,
+        0.5,
+    )
+    torch.testing.assert_close(adv, torch.tensor([[1.0, 0.0, -2.0, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[2.0, 2.0, 1.0, 0.0]]))
+
+
+@pytest.mark.parametrize(("gamma", "lam"), [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0), (0.99, 0.0)])
+def test_gae_matches_the_explicit_discounted_sum(gamma, lam):
+    rewards, values, mask, lengths = random_padded()
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    for i, n in enumerate(lengths.tolist()):
+        v = values[i, :n].tolist() + [0.0]  # V after the last real token is 0
+        deltas = [rewards[i, t].item() + gamma * v[t + 1] - v[t] for t in range(n)]
+        for t in range(n):
+            expected = sum((gamma * lam) ** l_ * deltas[t + l_] for l_ in range(n - t))
+            assert adv[i, t].item() == pytest.approx(expected, abs=1e-5)
+            assert ret[i, t].item() == pytest.approx(expected + v[t], abs=1e-5)
+        assert adv[i, n:].abs().sum().item() == 0.0
+
+
+def test_gae_with_lambda_one_and_gamma_one_is_return_minus_value():
+    rewards, values, mask, lengths = random_padded(seed=3)
+    adv, _ = gae(rewards, values, mask, 1.0, 1.0)
+    rtg = discounted_returns(rewards, mask, 1.0)
+    torch.testing.assert_close(adv, (rtg - values) * mask, atol=1e-5, rtol=1e-5)
+
+
+def test_rloo_and_grpo_by_hand():
+    returns = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0])
+    groups = torch.tensor([0, 0, 0, 1, 1])
+    # group 0: A_0 = 1 - (2+3)/2 = -1.5, A_1 = 2 - 2 = 0, A_2 = 3 - 1.5 = 1.5; group 1: 0, 0
+    torch.testing.assert_close(rloo_advantages(returns, groups), torch.tensor([-1.5, 0.0, 1.5, 0.0, 0.0]))
+    # group 0: mean 2, unbiased std 1 → [-1, 0, 1]; group 1: std 0 → 0/(0+eps) = 0
+    torch.testing.assert_close(
+        grpo_advantages(returns, groups, True, 1e-6),
+        torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0]),
+        atol=1e-5,
+        rtol=0,
+    )
+    torch.testing.assert_close(
+        grpo_advantages(returns, groups, False), torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0])
+    )
+
+
+def test_rloo_and_grpo_match_per_group_loops():
+    g = torch.Generator().manual_seed(5)
+    returns = torch.randn(12, generator=g)
+    groups = torch.tensor([3, 3, 3, 3, 7, 7, 7, 7, 1, 1, 1, 1])[torch.randperm(12, generator=g)]
+    rloo, grpo, dr = (
+        rloo_advantages(returns, groups),
+        grpo_advantages(returns, groups),
+        grpo_advantages(returns, groups, False),
+    )
+    for i in range(12):
+        members = [j for j in range(12) if groups[j] == groups[i]]
+        others = [returns[j].item() for j in members if j != i]
+        assert rloo[i].item() == pytest.approx(returns[i].item() - sum(others) / len(others), abs=1e-5)
+        vals = torch.tensor([returns[j].item() for j in members])
+        assert grpo[i].item() == pytest.approx(
+            (returns[i].item() - vals.mean().item()) / (vals.std().item() + 1e-6), abs=1e-4
+        )
+        assert dr[i].item() == pytest.approx(returns[i].item() - vals.mean().item(), abs=1e-5)
+
+
+def test_group_estimators_reject_singleton_groups():
+    with pytest.raises(ValueError, match="at least 2 samples per prompt"):
+        rloo_advantages(torch.tensor([1.0, 2.0]), torch.tensor([0, 1]))
+
+
+def test_discounted_returns_by_hand():
+    # r = [1, 0, 2], γ = 0.5: G = [1 + 0.5·0 + 0.25·2, 0 + 0.5·2, 2] = [1.5, 1, 2]
+    out = discounted_returns(torch.tensor([[1.0, 0.0, 2.0, 5.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]]), 0.5)
+    torch.testing.assert_close(out, torch.tensor([[1.5, 1.0, 2.0, 0.0]]))
+
+
+def build(registry, name, **cfg):
+    spec = registry.get("advantage", name)
+    conf = registry.config_for_block("advantage", name, cfg, "advantage")
+    return spec.factory(conf, BuildContext(registry=registry))
+
+
+def test_components_share_one_signature_and_broadcast_over_tokens(registry):
+    rewards, values, mask, _ = random_padded(b=8, seed=2)
+    groups = torch.arange(8) // 4
+    baseline = torch.randn(8)
+    inp = AdvantageInput(rewards, values, mask, groups, baseline)
+    for name in registry.names("advantage"):
+        est = build(registry, name)
+        out = est(inp if est.needs_values else inp._replace(values=None))
+        assert out.advantages.shape == rewards.shape
+        assert (out.advantages * (1 - mask)).abs().sum() == 0, name
+        assert (out.returns is not None) == est.needs_values, name
+    seq = (rewards * mask).sum(-1)
+    remax = build(registry, "remax")(inp._replace(values=None))
+    torch.testing.assert_close(remax.advantages, (seq - baseline).unsqueeze(-1) * mask)
+    with pytest.raises(ValueError, match="remax needs AdvantageInput.baseline"):
+        build(registry, "remax")(inp._replace(values=None, baseline=None))
+
+
+def test_reinforce_pp_is_globally_whitened(registry):
+    rewards, _, mask, _ = random_padded(b=8, seed=4)
+    out = build(registry, "reinforce_pp")(
+        AdvantageInput(rewards, None, mask, torch.arange(8), None)
+    ).advantages
+    sel = out[mask.bool()]
+    assert sel.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert sel.std().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_estimator_requirements(registry):
+    req = {n: build(registry, n) for n in registry.names("advantage")}
+    assert req["gae"].needs_values and req["gae"].default_samples_per_prompt == 1
+    assert req["rloo"].min_samples_per_prompt == 2 and req["grpo"].default_samples_per_prompt == 4
+    assert req["remax"].needs_greedy_baseline and not req["reinforce_pp"].needs_values
+
+
+def test_gae_config_errors():
+    with pytest.raises(ConfigError, match=r"^advantage\.lam must be in \[0, 1\] \(got 1\.5\)$"):
+        validate(GAEConfig, {"lam": 1.5}, "advantage")
