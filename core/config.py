@@ -447,13 +447,21 @@ def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     return cfg
 
 
+def _quote_reserved(item: str) -> str:
+    """``key=@stage`` as a string: YAML reserves ``@`` and backquote at the start of a plain value."""
+    key, _, value = item.partition("=")
+    if value[:1] in ("@", "`"):
+        return f"{key}={json.dumps(value)}"
+    return item
+
+
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:
     """``key=value`` strings (OmegaConf dotlist; values typed as YAML types them)."""
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}': expected key=value (e.g. kl.coef=0.05)")
     try:
-        return OmegaConf.from_dotlist(list(overrides))
+        return OmegaConf.from_dotlist([_quote_reserved(item) for item in overrides])
     except OmegaConfBaseException as exc:
         raise ConfigError(f"override: {str(exc).splitlines()[0]}") from None
     except yaml.YAMLError as exc:

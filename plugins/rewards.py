@@ -58,6 +58,7 @@ class CallableConfig:
             or self.fn.endswith(":")
         ):
             raise ValueError(f"fn must look like 'package.module:function' (got {self.fn!r})")
+        import_function(self.fn, "fn")  # fail at validation (and in --dry-run), not mid-run
 
 
 def import_function(spec: str, key: str) -> Any:

@@ -147,3 +147,39 @@ def test_state_is_torch_float32(smoke_pipeline):
     run_dir, _ = smoke_pipeline
     model = AutoModelForCausalLM.from_pretrained(run_dir / "rl" / "model")
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_resume_continues_a_killed_run_from_its_checkpoint_and_matches_an_uninterrupted_one(
+    smoke_pipeline, run_smoke, tmp_path, monkeypatch
+):
+    from instructrl.core.stages import rl
+
+    overrides = ["seed=5", "rl.iterations=4", "rl.checkpoint_every=2", "eval.every=0"]
+    straight = run_smoke(tmp_path / "straight", "ppo", overrides)
+
+    original = rl.RLModule.make_experience
+    calls = []
+
+    def dies_at_iteration_3(self, iteration):
+        calls.append(iteration)
+        if iteration == 3:
+            raise RuntimeError("simulated kill")
+        return original(self, iteration)
+
+    monkeypatch.setattr(rl.RLModule, "make_experience", dies_at_iteration_3)
+    with pytest.raises(RunFailure, match="simulated kill"):
+        run_smoke(tmp_path / "killed", "ppo", overrides)
+    assert calls == [0, 1, 2, 3]
+    assert (tmp_path / "killed" / "rl" / "checkpoints" / "last.ckpt").is_file()
+
+    def records(self, iteration):
+        calls.append(iteration)
+        return original(self, iteration)
+
+    monkeypatch.setattr(rl.RLModule, "make_experience", records)
+    calls.clear()
+    resumed = run_smoke(tmp_path / "killed", "ppo", overrides, resume=True)
+    assert calls == [2, 3] or calls == [3], calls  # from the last checkpoint, not from scratch
+    assert resumed["run/status"] == "completed"
+    keys = [k for k in straight if k.startswith(("rl/", "eval/")) and isinstance(straight[k], float)]
+    assert {k: resumed[k] for k in keys} == pytest.approx({k: straight[k] for k in keys}, rel=1e-5)
