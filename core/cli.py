@@ -5,6 +5,8 @@
     instructrl eval MODEL_DIR [--against SFT_DIR] [--recipe RECIPE] [key=value ...]
     instructrl plugins [--json]
     instructrl recipes [--json]
+    instructrl sweep RECIPE|SWEEP.yaml [key=value ...] --grid KEY=V1,V2 [--seeds N] ...  (core/sweep.py)
+    instructrl report SWEEP_DIR [--metric NAME ...] [--baseline KEY=V,...]          (core/report.py)
 
 Exit codes: 0 success · 1 a failure while running (named) · 2 bad input · 130 interrupted.
 """
@@ -93,14 +95,9 @@ def build_parser() -> Parser:
 
 def _extensions() -> list[Callable[[Any], None]]:
     """Sub-commands defined elsewhere in the package (sweep, report)."""
-    out = []
-    try:
-        from . import sweep
+    from . import sweep
 
-        out.append(sweep.add_commands)
-    except ImportError:
-        pass
-    return out
+    return [sweep.add_commands]
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,8 +285,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()
         # key=value overrides may sit anywhere after the sub-command (argparse cannot interleave
         # a variadic positional with options), so they are taken out first.
-        overrides = [a for a in argv[1:] if OVERRIDE.match(a)]
-        rest = [argv[0], *[a for a in argv[1:] if not OVERRIDE.match(a)]] if argv else argv
+        # The value of an option that itself takes key=value text (sweep --grid k=v1,v2) is not one.
+        from .sweep import KEY_VALUE_OPTIONS
+
+        taken = {i + 1 for i, a in enumerate(argv) if a in KEY_VALUE_OPTIONS}
+        is_override = [i > 0 and i not in taken and bool(OVERRIDE.match(a)) for i, a in enumerate(argv)]
+        overrides = [a for a, o in zip(argv, is_override) if o]
+        rest = [a for a, o in zip(argv, is_override) if not o]
         args = parser.parse_args(rest)
         if hasattr(args, "overrides"):
             args.overrides = [*args.overrides, *overrides]
