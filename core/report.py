@@ -581,7 +581,7 @@ def plot_curves(
             (line,) = ax.plot(x, mean, marker="o", ms=3, label=_label(arm, baseline), color=f"C{i % 10}")
             lo = [iv.low if iv.n > 1 else iv.mean for _, iv in agg]
             hi = [iv.high if iv.n > 1 else iv.mean for _, iv in agg]
-            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
         ax.set_xlabel("RL iteration")
         ax.set_ylabel(metric)
         ax.set_title(f"{metric}: mean over seeds, 95% band")
