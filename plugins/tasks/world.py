@@ -74,7 +74,7 @@ class WorldConfig:
     demo_error_rate: float = param(
         0.1, "Share of demonstrations with a wrong answer (one edit away from correct)."
     )
-    demo_chatty_rate: float = param(0.35, "Share of demonstrations ending with a chatty extra line.")
+    demo_chatty_rate: float = param(0.5, "Share of demonstrations ending with a chatty extra line.")
     n_rank_prompts: int = param(2000, "Prompts whose K SFT samples the labeler ranks (RM training).")
     n_rank_eval_prompts: int = param(300, "Held-out ranked prompts for the RM's pairwise accuracy.")
     k: int = param(4, "Responses per ranked prompt (K-way rankings).")
@@ -93,7 +93,7 @@ class WorldConfig:
         "Share of corpus sentences stating a string fact in prose ('dbca backwards is acbd'): skills without the instruction format.",
     )
     extra_line_penalty: float = param(
-        0.4, "Gold penalty (fraction of the score) for text after the answer line."
+        0.7, "Gold penalty (fraction of the score) for text after the answer line."
     )
     missing_eos_factor: float = param(0.5, "Gold multiplier for a response truncated without the end token.")
 

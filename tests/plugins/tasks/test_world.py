@@ -135,7 +135,7 @@ def test_rankings_call_sample_once_and_drop_all_tie_prompts():
     assert calls == [(20, 3)]
     assert len(rankings) == 10
     for r in rankings:
-        assert r.ranks == (0, 1, 2)  # 1.0 > 0.6 > 0.5
+        assert r.ranks == (0, 2, 1)  # clean 1.0 > truncated 0.5 > chatty 1 × (1 − 0.7) = 0.3
 
 
 def test_labeler_agreement_closed_form():
@@ -169,7 +169,7 @@ def test_the_judge_separates_clean_answers_from_what_sloppy_sft_produces():
     judge = w.gold
     clean = judge.score(prompts, [Completion(p.fields["answer"]) for p in prompts])
     chatty = judge.score(prompts, [Completion(p.fields["answer"] + "\nglad to help") for p in prompts])
-    assert min(clean) == 1.0 and max(chatty) == pytest.approx(0.6)
+    assert min(clean) == 1.0 and max(chatty) == pytest.approx(1 - 0.7)  # the default extra_line_penalty
 
 
 @pytest.mark.parametrize(
