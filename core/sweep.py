@@ -48,6 +48,7 @@ from typing import Any, TextIO
 
 from . import report
 from .errors import ConfigError, UserInputError, did_you_mean, one_of
+from .stages.common import write_json
 
 SWEEP_FILE = report.SWEEP_FILE
 # Options whose value is itself ``key=value`` text: the launcher must not take it for an override.
@@ -777,13 +778,6 @@ class Progress:
 # ============================================================================================
 
 
-def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    """Write JSON through a temporary file and a rename (readers never see half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def _previous(plan: Plan) -> dict[str, dict[str, Any]]:
     """Run records of an earlier sweep in the same directory (``{}`` when new); a directory made
     by a sweep of another base recipe, fixed overrides or scale is refused."""
@@ -839,7 +833,7 @@ def _save(plan: Plan, records: Sequence[Mapping[str, Any]]) -> None:
     data = plan.meta()
     data["runs"] = [{k: v for k, v in r.items() if k != "action"} for r in records]
     data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    write_json_atomic(plan.out / SWEEP_FILE, data)
+    write_json(plan.out / SWEEP_FILE, data)
 
 
 # ============================================================================================
