@@ -26,7 +26,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config_schema import check_keys, field_names, param, to_plain, validate
+from .fields import check_keys, field_names, param, to_plain, validate
 from .errors import ConfigError, did_you_mean, one_of
 from .registry import Registry
 

@@ -129,3 +129,13 @@ def register_loggers(register: Register) -> None:
     ``ctx`` gives the stage directory. ``csv`` is always added so every stage writes
     ``metrics.csv``.
     """
+
+
+@hookspec
+def register_stages(register: Register) -> None:
+    """Register pipeline stages (kind ``stage``, recipe list ``stages``)."""
+
+
+@hookspec
+def register_commands(register: Register) -> None:
+    """Register launcher sub-commands (kind ``command``: ``instructrl <name> ...``)."""

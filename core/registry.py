@@ -20,7 +20,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .config_schema import check_keys, field_names, validate
+from .fields import check_keys, field_names, validate
 from .errors import ConfigError, PluginError, did_you_mean, one_of
 
 ENTRY_POINT_GROUP = "instructrl"
@@ -52,6 +52,8 @@ KINDS: dict[str, Kind] = {
         Kind("reward_transform", "register_reward_transforms", "reward_transforms[].name", "RewardTransform"),
         Kind("extra_loss", "register_extra_losses", "<name>.coef", "ExtraLoss"),
         Kind("logger", "register_loggers", "loggers[].name", "Logger"),
+        Kind("stage", "register_stages", "stages[]", "Stage"),
+        Kind("command", "register_commands", "instructrl <command>", "Command"),
     ]
 }
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from instructrl.core.config_schema import param
+from instructrl.core.fields import param
 from instructrl.core.hookspecs import hookimpl
 from instructrl.core.ops import masked_whiten
 from instructrl.core.registry import BuildContext

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from instructrl.core.config_schema import param
+from instructrl.core.fields import param
 from instructrl.core.hookspecs import hookimpl
 from instructrl.core.registry import BuildContext
 from instructrl.core.types import KLInput

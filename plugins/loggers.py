@@ -10,7 +10,7 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
-from instructrl.core.config_schema import param
+from instructrl.core.fields import param
 from instructrl.core.errors import ConfigError
 from instructrl.core.hookspecs import hookimpl
 from instructrl.core.registry import BuildContext

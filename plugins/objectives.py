@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from instructrl.core.config_schema import param
+from instructrl.core.fields import param
 from instructrl.core.hookspecs import hookimpl
 from instructrl.core.ops import masked_mean
 from instructrl.core.registry import BuildContext

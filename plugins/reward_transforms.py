@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from instructrl.core.config_schema import param
+from instructrl.core.fields import param
 from instructrl.core.hookspecs import hookimpl
 from instructrl.core.ops import all_reduce_sum, masked_whiten
 from instructrl.core.registry import BuildContext

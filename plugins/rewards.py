@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from instructrl.core.config_schema import check_keys, param, validate
+from instructrl.core.fields import check_keys, param, validate
 from instructrl.core.errors import ConfigError, RunFailure
 from instructrl.core.hookspecs import hookimpl
 from instructrl.core.registry import BuildContext

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from instructrl.core.config_schema import param
+from instructrl.core.fields import param
 from instructrl.core.errors import DataError
 from instructrl.core.hookspecs import hookimpl
 from instructrl.core.protocols import SampleFn

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from instructrl.core.config_schema import param
+from instructrl.core.fields import param
 from instructrl.core.hookspecs import hookimpl
 from instructrl.core.protocols import SampleFn
 from instructrl.core.registry import BuildContext

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
-from instructrl.core.config_schema import param
+from instructrl.core.fields import param
 from instructrl.core.errors import ConfigError, PluginError
 from instructrl.core.hookspecs import hookimpl
 from instructrl.core.registry import KINDS, BuildContext, make_plugin_manager, make_registry

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from instructrl.core.config_schema import validate
+from instructrl.core.fields import validate
 from instructrl.core.errors import ConfigError
 from instructrl.core.registry import BuildContext
 from instructrl.core.types import AdvantageInput

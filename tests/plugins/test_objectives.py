@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from instructrl.core.config_schema import validate
+from instructrl.core.fields import validate
 from instructrl.core.errors import ConfigError
 from instructrl.core.types import ObjectiveInput
 from instructrl.plugins.objectives import PGConfig, PolicyGradient, PPOClip, PPOClipConfig, ppo_clip_loss

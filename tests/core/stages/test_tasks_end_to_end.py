@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from instructrl.core.cli import main
-from instructrl.core.config_schema import validate
+from instructrl.core.fields import validate
 from instructrl.plugins.tasks.world import World, WorldConfig
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from instructrl.core.config_schema import validate
+from instructrl.core.fields import validate
 from instructrl.core.errors import ConfigError, DataError
 from instructrl.plugins.tasks.jsonl import JsonlConfig, JsonlTask
 

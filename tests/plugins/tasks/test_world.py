@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from instructrl.core.config_schema import validate
+from instructrl.core.fields import validate
 from instructrl.core.errors import ConfigError
 from instructrl.core.types import Completion, Prompt, Ranking
 from instructrl.plugins.tasks.world import (
