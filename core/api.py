@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .config import Recipe, load_recipe
-from .runner import check_paths, default_run_dir, make_plan, run_recipe, stages
+from .runner import check_paths, default_run_dir, make_plan, run_recipe
 
 
 def run(
@@ -24,7 +26,7 @@ def run(
     overwrite: bool = False,
     use_cache: bool = True,
     argv: list[str] | None = None,
-    log: Any = print,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run a recipe (bundled name or path) with ``key=value`` overrides; return ``summary.json``.
 
@@ -54,7 +56,7 @@ def describe(recipe: Recipe, run_dir: Path, *, use_cache: bool = True) -> dict[s
     """The resolved config, the stage plan, derived quantities per stage, and the path checks."""
     plan = make_plan(recipe, run_dir, use_cache=use_cache)
     paths = check_paths(recipe, plan)
-    impls = stages()
+    impls = recipe.registry.stages()
     return {
         "config": recipe.plain(),
         "run_dir": str(run_dir),
@@ -66,9 +68,12 @@ def describe(recipe: Recipe, run_dir: Path, *, use_cache: bool = True) -> dict[s
                 "in_recipe": s.in_recipe,
                 "note": s.note,
             }
-            for s in plan.stages
+            for s in plan
         ],
-        "derived": {s.name: impls[s.name].describe(recipe) for s in plan.stages},
+        "derived": {
+            "components": dataclasses.asdict(recipe.derived),
+            **{s.name: impls[s.name].describe(recipe) for s in plan},
+        },
         "paths": paths,
         "ignored_keys": recipe.ignored,
         "extra_losses": [c.name for c in recipe.extra_losses],

@@ -5,8 +5,9 @@
     instructrl eval MODEL_DIR [--against SFT_DIR] [--recipe RECIPE] [key=value ...]
     instructrl plugins [--json]
     instructrl recipes [--json]
-    instructrl sweep RECIPE|SWEEP.yaml [key=value ...] --grid KEY=V1,V2 [--seeds N] ...  (core/sweep.py)
-    instructrl report SWEEP_DIR [--metric NAME ...] [--baseline KEY=V,...]          (core/report.py)
+    instructrl sweep RECIPE|SWEEP.yaml [key=value ...] --grid KEY=V1,V2 [--seeds N] ...  (command plugin: plugins/commands/)
+    instructrl report SWEEP_DIR [--metric NAME ...] [--baseline KEY=V,...]          (command plugin: plugins/commands/)
+    instructrl <command> ...   (any command a plugin registers through ``register_commands``)
 
 Exit codes: 0 success · 1 a failure while running (named) · 2 bad input · 130 interrupted.
 """
@@ -21,7 +22,7 @@ import re
 import sys
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,18 +69,6 @@ def build_parser() -> Parser:
     run.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
-    ev = sub.add_parser("eval", help="evaluate a policy dir against an SFT dir on held-out prompts")
-    ev.add_argument("model_dir")
-    ev.add_argument("overrides", nargs="*", metavar="key=value")
-    ev.add_argument("--against", help="the SFT (reference) model dir (default: the recipe's policy.model)")
-    ev.add_argument(
-        "--recipe", default="ppo", help="recipe for the task, reward and eval settings (default: ppo)"
-    )
-    ev.add_argument("--out", help="write summary.json and samples here")
-    ev.add_argument("--smoke", action="store_true")
-    ev.add_argument("--json", action="store_true")
-    ev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
-
     pl = sub.add_parser("plugins", help="list every registered component")
     pl.add_argument("--json", action="store_true")
     pl.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
@@ -88,28 +77,49 @@ def build_parser() -> Parser:
     rc.add_argument("--json", action="store_true")
     rc.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
-    for extension in _extensions():
-        extension(sub)
+    add_plugin_commands(sub)
     return p
 
 
-def _extensions() -> list[Callable[[Any], None]]:
-    """Sub-commands defined elsewhere in the package (sweep, report)."""
-    from . import sweep
+def add_plugin_commands(sub: Any) -> None:
+    """One sub-parser per registered command (kind ``command``): its arguments, ``--debug``, and
+    its ``run`` as the handler."""
+    from .registry import get_registry
 
-    return [sweep.add_commands]
+    reg = get_registry(strict=False)
+    for name in reg.names("command"):
+        spec = reg.get("command", name)
+        cmd = spec.factory  # a command registers its object in the factory slot
+        p = sub.add_parser(name, help=spec.description)
+        cmd.add_arguments(p)
+        if not any("--debug" in a.option_strings for a in p._actions):
+            p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        p.set_defaults(handler=cmd.run)
+
+
+def key_value_options() -> set[str]:
+    """Options whose value is ``KEY=V`` text (not a recipe override): every command's
+    ``key_value_options``."""
+    from .registry import get_registry
+
+    reg = get_registry(strict=False)
+    return {
+        opt for name in reg.names("command") for opt in reg.get("command", name).factory.key_value_options
+    }
 
 
 # --------------------------------------------------------------------------------------------
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
+    """List every registered component by kind, and every broken plugin (still exit 0)."""
     from .registry import KINDS, get_registry
 
-    reg = get_registry()
+    reg = get_registry(strict=False)
     rows = [s.as_dict() for s in reg.all()]
+    broken = [{"plugin": b.plugin, "package": b.package, "error": b.message()} for b in reg.broken]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"components": rows, "broken": broken}, indent=2))
         return EXIT_OK
     for kind in KINDS:
         specs = [r for r in rows if r["kind"] == kind]
@@ -118,6 +128,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             print(f"  {r['name']:<22} {r['package']:<16} {r['description']}")
         if not specs:
             print("  (none)")
+    if broken:
+        print("broken plugins (left out)")
+        for b in broken:
+            print(f"  {b['plugin']:<22} {b['package']:<16} {b['error']}")
     return EXIT_OK
 
 
@@ -164,33 +178,10 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         argv=["instructrl", *argv],
         log=log,
     )
-    from .stages.common import is_global_zero
+    from .io import is_global_zero
 
     if is_global_zero():
         print(json.dumps(summary, indent=2) if args.json else format_summary(summary, run_dir))
-    return EXIT_OK
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from .config import load_recipe
-    from .stages.common import StageContext
-    from .stages.evaluate import run_evaluation
-
-    recipe = load_recipe(args.recipe, args.overrides, smoke=args.smoke)
-    against = args.against or getattr(recipe.choice("policy").config, "model", None)
-    if not against or str(against).startswith("@"):
-        raise ArgumentError(
-            "instructrl eval: pass --against SFT_DIR (the recipe's policy.model is a stage reference)"
-        )
-    out = Path(args.out) if args.out else Path(args.model_dir) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(recipe, "eval", out, {}, run_name=out.name)
-    reward = recipe.choice("reward").config
-    if str(getattr(reward, "model", "")).startswith("@"):
-        # a standalone evaluation has no RM stage: judge with the task's gold judge only
-        recipe.choices["reward"] = type(recipe.choice("reward"))("reward_model", "gold", None, "reward")
-    summary = run_evaluation(ctx, args.model_dir, str(against), None)
-    print(json.dumps(summary, indent=2) if args.json else format_summary(summary, out))
     return EXIT_OK
 
 
@@ -286,9 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # key=value overrides may sit anywhere after the sub-command (argparse cannot interleave
         # a variadic positional with options), so they are taken out first.
         # The value of an option that itself takes key=value text (sweep --grid k=v1,v2) is not one.
-        from .sweep import KEY_VALUE_OPTIONS
-
-        taken = {i + 1 for i, a in enumerate(argv) if a in KEY_VALUE_OPTIONS}
+        kv_options = key_value_options()
+        taken = {i + 1 for i, a in enumerate(argv) if a in kv_options}
         is_override = [i > 0 and i not in taken and bool(OVERRIDE.match(a)) for i, a in enumerate(argv)]
         overrides = [a for a, o in zip(argv, is_override) if o]
         rest = [a for a, o in zip(argv, is_override) if not o]
@@ -306,8 +296,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         if args.command == "run":
             return cmd_run(args, argv)
-        if args.command == "eval":
-            return cmd_eval(args)
         if args.command == "plugins":
             return cmd_plugins(args)
         if args.command == "recipes":

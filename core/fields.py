@@ -19,13 +19,42 @@ from .errors import ConfigError, did_you_mean
 T = TypeVar("T")
 
 
-def param(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None) -> Any:
-    """A dataclass field with a one-line ``help`` (shown by ``instructrl plugins --config`` and the
-    recipe reference). Use ``factory`` for mutable defaults."""
-    meta = {"help": help}
+MODEL_PATH_ROLES = ("weights", "reference", "input")
+
+
+def param(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    factory: Any = None,
+    model_path: str | None = None,
+) -> Any:
+    """A dataclass field with a one-line ``help`` (shown in the recipe reference). Use ``factory``
+    for mutable defaults.
+
+    ``model_path`` marks a field holding a model directory (or an ``@stage`` reference):
+    ``"weights"`` (the component's own weights), ``"reference"`` (a policy's KL reference) or
+    ``"input"`` (any other model a stage reads). The launcher checks such paths before anything
+    runs and orders stages by the ``@stage`` references in them.
+    """
+    if model_path is not None and model_path not in MODEL_PATH_ROLES:
+        raise ValueError(f"model_path must be one of {', '.join(MODEL_PATH_ROLES)} (got {model_path!r})")
+    meta = {"help": help, "model_path": model_path}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def model_path_fields(cls: type | None) -> dict[str, str]:
+    """``{field: role}`` of the fields of a config dataclass marked with ``model_path``."""
+    if cls is None:
+        return {}
+    return {f.name: f.metadata["model_path"] for f in dataclasses.fields(cls) if f.metadata.get("model_path")}
+
+
+def field_for_role(cls: type | None, role: str) -> str | None:
+    """The name of the field marked ``model_path=role`` (the first one), or ``None``."""
+    return next((f for f, r in model_path_fields(cls).items() if r == role), None)
 
 
 def field_help(cls: type) -> dict[str, str]:
@@ -104,3 +133,19 @@ def to_plain(cfg: Any) -> Any:
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)
     return cfg
+
+
+def positive(obj: object, *names: str) -> None:
+    """``__post_init__`` helper: each named field is > 0 (one-line ValueError naming it)."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is None or value <= 0:
+            raise ValueError(f"{name} must be > 0 (got {value})")
+
+
+def unit_interval(obj: object, *names: str) -> None:
+    """``__post_init__`` helper: each named field is in [0, 1)."""
+    for name in names:
+        value = getattr(obj, name)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1) (got {value})")

@@ -7,6 +7,7 @@ numbers; in a single process they are plain masked statistics.
 
 from __future__ import annotations
 
+import typing
 from typing import Literal
 
 import torch
@@ -14,12 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
-AGGREGATIONS: tuple[str, ...] = (
-    "token_mean",
-    "seq_mean_token_mean",
-    "seq_mean_token_sum",
-    "seq_mean_token_sum_norm",
-)
+AGGREGATIONS: tuple[str, ...] = typing.get_args(Aggregation)
 
 
 def distributed() -> bool:
@@ -34,11 +30,6 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     y = x.detach().clone()
     dist.all_reduce(y, op=dist.ReduceOp.SUM)
     return y
-
-
-def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Sum of ``x * mask`` over ``dim`` (all dims when ``None``). Shapes: ``x``, ``mask`` same."""
-    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None, *, global_: bool = False) -> Tensor:
@@ -149,6 +140,26 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def last_token_index(mask: Tensor) -> Tensor:
-    """``(B,)`` index of the last 1 in each row of a right-padded ``(B, R)`` mask (0 if empty)."""
-    return (mask.long().sum(-1) - 1).clamp_min(0)
+def all_gather(x: Tensor) -> Tensor:
+    """``x`` from every process concatenated along dim 0 (``x`` itself in a single process).
+
+    Every process must pass the same shape except dim 0 is allowed to differ; not differentiable.
+    """
+    if not distributed():
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    biggest = int(max(int(s) for s in sizes))
+    padded = torch.zeros((biggest, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x.detach()
+    out = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[: int(s)] for o, s in zip(out, sizes)])
+
+
+def global_mean(x: Tensor) -> float:
+    """Mean of all elements of ``x`` over all processes (``nan`` when there are none)."""
+    x = x.detach().float().reshape(-1)
+    s = all_reduce_sum(torch.stack([x.sum(), torch.tensor(float(x.numel()), device=x.device)]))
+    return float(s[0] / s[1]) if float(s[1]) > 0 else float("nan")

@@ -1,14 +1,16 @@
 """The component interfaces. Each is a small :class:`typing.Protocol`: implement the methods, no
-base class needed. Shapes follow :mod:`instructrl.core.types`.
+base class needed. Every built component is checked against its kind's protocol (methods present,
+parameters matching) by the registry; a mismatch is a one-line error naming the plugin.
 
-A component is built by the factory its plugin registers, called as ``factory(config, ctx)`` with
-its validated config dataclass and a :class:`~instructrl.core.registry.BuildContext`.
+Every method that the RL step calls takes **one** input container from :mod:`instructrl.core.types`
+(``ObjectiveInput``, ``TransformInput`` …), extended additively.
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -17,7 +19,9 @@ from .types import (
     AdvantageInput,
     AdvantageOutput,
     Completion,
+    ControllerInput,
     Demonstration,
+    ExtraLossInput,
     Generation,
     KLInput,
     LossOutput,
@@ -26,21 +30,43 @@ from .types import (
     Prompt,
     Ranking,
     RewardInput,
-    ShapingInput,
     TokenBatch,
+    TransformInput,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from .config import Recipe
+    from .training import StageContext
 
 SampleFn = Callable[[Sequence[Prompt], int], list[list[Completion]]]
 """``sample(prompts, k)`` → for each prompt, ``k`` completions sampled from the current policy."""
 
+StateDict = dict[str, object]
+
 
 @runtime_checkable
+class Stateful(Protocol):
+    """A component with state that checkpoints save and resume restores (declare
+    ``needs=Needs(stateful=True)`` when registering). A component that samples keeps its random
+    generator's state here, so a resumed run continues the same random stream."""
+
+    def state_dict(self) -> StateDict:
+        """Plain data (tensors, numbers, strings, lists, dicts) describing the state."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Restore :meth:`state_dict`."""
+        ...
+
+
 class Policy(Protocol):
     """A causal language model that samples responses and scores given ones."""
 
     model: torch.nn.Module
     """The trainable module (optimised, checkpointed and saved)."""
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     """The HF tokenizer: ``pad_token_id`` and ``eos_token_id`` are set and distinct."""
 
     def generate(
@@ -78,7 +104,6 @@ class Policy(Protocol):
         ...
 
 
-@runtime_checkable
 class ValueModel(Protocol):
     """Per-token state values for the critic."""
 
@@ -93,7 +118,6 @@ class ValueModel(Protocol):
         ...
 
 
-@runtime_checkable
 class RewardModel(Protocol):
     """A scalar score per (prompt, response)."""
 
@@ -101,97 +125,83 @@ class RewardModel(Protocol):
         """``(B,)`` float32 scores, one per row of ``inp``."""
         ...
 
+    def demo_mean(self) -> float | None:
+        """The model's mean score on the SFT demonstrations if it knows it (the RM stage records
+        it; ``demo_bias`` uses it), else ``None``."""
+        ...
 
-@runtime_checkable
+
 class AdvantageEstimator(Protocol):
-    """Advantages (and value targets) from per-token rewards.
-
-    Every estimator takes the same :class:`AdvantageInput`, so callers never special-case one.
-    """
-
-    needs_values: bool
-    """True when the estimator needs a value model (``gae``); critic-free ones build none."""
-    min_samples_per_prompt: int
-    """Smallest valid ``rollout.samples_per_prompt`` (2 for group baselines)."""
-    default_samples_per_prompt: int
-    """``rollout.samples_per_prompt`` when the recipe leaves it ``null``."""
-    needs_greedy_baseline: bool
-    """True when ``AdvantageInput.baseline`` must hold the greedy response's reward (ReMax)."""
+    """Advantages (and value targets) from per-token rewards. Declare ``values``,
+    ``greedy_baseline`` and the samples-per-prompt bounds in :class:`~instructrl.core.types.Needs`."""
 
     def __call__(self, inp: AdvantageInput) -> AdvantageOutput:
         """Advantages ``(B, R)`` and returns ``(B, R)`` or ``None``."""
         ...
 
 
-@runtime_checkable
 class Objective(Protocol):
     """A per-token policy loss."""
 
     aggregation: str
-    """How the caller reduces the per-token loss: ``token_mean``, ``seq_mean_token_mean``,
-    ``seq_mean_token_sum`` or ``seq_mean_token_sum_norm``."""
+    """How the caller reduces the per-token loss (:data:`instructrl.core.ops.Aggregation`)."""
 
     def __call__(self, inp: ObjectiveInput) -> LossOutput:
         """Per-token loss ``(B, R)`` (0 on padding) and metrics (e.g. ``clip_frac``)."""
         ...
 
 
-@runtime_checkable
 class KLEstimator(Protocol):
-    """A per-token estimate of KL(π ‖ π_ref) from ``Δ = log π − log π_ref``."""
-
-    needs_logits: bool
-    """True when the estimator needs full-vocabulary logits (``full``)."""
+    """A per-token estimate of KL(π ‖ π_ref) from ``Δ = log π − log π_ref`` (declare
+    ``Needs(logits=True)`` for estimators that need full-vocabulary logits)."""
 
     def __call__(self, inp: KLInput) -> Tensor:
         """``(B, R)`` per-token KL estimate (unmasked; callers multiply by the response mask)."""
         ...
 
 
-@runtime_checkable
 class KLController(Protocol):
-    """Owns the KL coefficient β and how it changes."""
+    """Owns the KL coefficient β and how it changes. Its state is checkpointed (it is always
+    treated as :class:`Stateful`)."""
 
     @property
     def coef(self) -> float:
         """The current β."""
         ...
 
-    def update(self, kl: float, n_steps: int) -> None:
-        """Observe the mean per-sequence KL (nats, summed over tokens) of ``n_steps`` new episodes."""
+    def update(self, inp: ControllerInput) -> None:
+        """Observe one iteration's KL (per sequence and mean) and move β."""
         ...
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> StateDict:
         """State saved in checkpoints."""
         ...
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
         """Restore :meth:`state_dict`."""
         ...
 
 
-@runtime_checkable
 class RewardTransform(Protocol):
     """Maps per-sequence scores to per-sequence scores before the KL penalty is added."""
 
-    def __call__(self, inp: ShapingInput) -> Tensor:
+    def __call__(self, inp: TransformInput) -> Tensor:
         """``(B,)`` transformed scores."""
         ...
 
 
-@runtime_checkable
 class ExtraLoss(Protocol):
-    """An auxiliary loss added to every policy update (e.g. ``ptx``)."""
+    """An auxiliary loss added to every policy update (e.g. ``ptx``), called on every micro-batch."""
 
     coef: float
-    """Weight of the loss; 0 switches it off (it is then not computed)."""
+    """Weight of the loss; a block whose ``coef`` is 0 switches the loss off (it is not built)."""
 
-    def __call__(self, policy: Policy, step: int) -> LossOutput:
-        """Scalar loss already multiplied by ``coef``, and metrics (unweighted)."""
+    def __call__(self, inp: ExtraLossInput) -> LossOutput:
+        """Scalar loss already multiplied by ``coef`` and by the micro-batch's share, and metrics
+        (unweighted; logged as ``<name>/<metric>``)."""
         ...
 
 
-@runtime_checkable
 class GoldJudge(Protocol):
     """A programmatic judge that knows the truth (the simulated world's)."""
 
@@ -200,7 +210,6 @@ class GoldJudge(Protocol):
         ...
 
 
-@runtime_checkable
 class Task(Protocol):
     """Where prompts, demonstrations, rankings and pretraining text come from."""
 
@@ -227,17 +236,74 @@ class Task(Protocol):
         """Plain text for the base LM and for ptx: ``"train"`` or ``"eval"`` (held out)."""
         ...
 
+    def pair_kind(self, prompt: Prompt, a: Completion, b: Completion) -> str | None:
+        """A label for a ranked pair (the RM's accuracy is also reported per label), or ``None``."""
+        ...
 
-@runtime_checkable
+
 class Logger(Protocol):
-    """Marker for Lightning loggers built from the ``loggers`` recipe list."""
+    """A Lightning logger (``lightning.pytorch.loggers.Logger``) built for one stage."""
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
 
 
+class Stage(Protocol):
+    """One stage of the pipeline (pretrain, sft, rm, rl, eval … or yours), registered as an object.
+
+    The runner plans stages from these methods alone — nothing here may train or load a model —
+    and calls :meth:`run` to execute one.
+    """
+
+    sections: Mapping[str, type]
+    """Recipe sections this stage owns: ``{section: config dataclass}`` (validated in every recipe)."""
+
+    def inputs(self, recipe: Recipe) -> dict[str, object]:
+        """``{recipe key: value}`` of every block the stage reads model paths from; ``@stage``
+        strings in the values are the stage's dependencies."""
+        ...
+
+    def cache_key(self, recipe: Recipe) -> Mapping[str, object] | None:
+        """What determines the stage's output besides its inputs (hashed into the stage-cache key),
+        or ``None`` when the stage is not cached (it runs in the run dir)."""
+        ...
+
+    def skip(self, recipe: Recipe) -> tuple[str, str] | None:
+        """``(reason, output dir)`` when the recipe supplies the output instead (e.g. ``base.model``
+        for pretraining), else ``None``."""
+        ...
+
+    def check(self, recipe: Recipe) -> None:
+        """Raise a one-line ``ConfigError`` for settings that cannot go together (run before
+        anything is built, ``--dry-run`` included)."""
+        ...
+
+    def describe(self, recipe: Recipe) -> dict[str, object]:
+        """Derived quantities for ``--dry-run`` (batch arithmetic, sizes)."""
+        ...
+
+    def run(self, ctx: StageContext) -> dict[str, object]:
+        """Run the stage into ``ctx.stage_dir``; return its summary (flat ``<stage>/<metric>`` keys)."""
+        ...
+
+
+class Command(Protocol):
+    """A launcher sub-command (``instructrl <name> …``), registered as an object."""
+
+    key_value_options: tuple[str, ...]
+    """Options whose value is ``KEY=V`` text (so the launcher does not take it for an override)."""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Add the command's arguments."""
+        ...
+
+    def run(self, args: argparse.Namespace) -> int:
+        """Run; return the exit code."""
+        ...
+
+
 __all__ = [
     "AdvantageEstimator",
-    "Demonstration",
+    "Command",
     "ExtraLoss",
     "GoldJudge",
     "KLController",
@@ -248,6 +314,8 @@ __all__ = [
     "RewardModel",
     "RewardTransform",
     "SampleFn",
+    "Stage",
+    "Stateful",
     "Task",
     "ValueModel",
 ]

@@ -20,42 +20,27 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 from omegaconf import OmegaConf
 
-from .config import STAGE_NAMES, Recipe, stable_hash
-from .errors import ConfigError, InstructrlError, RunFailure
+from .config import Recipe, stable_hash
+from .errors import ConfigError, InstructrlError, RunFailure, one_of
+from .fields import model_path_fields
+from .io import is_global_zero, read_json, write_json
 from .models import require_model_dir
-from .stages.common import StageContext, is_global_zero, write_json
+from .protocols import Stage
+from .training import MODEL_SUBDIR, StageContext
 
 CACHE_ENV = "INSTRUCTRL_CACHE_DIR"
 COMPLETE = "complete.json"
-# Trainer keys that do not change what a stage produces (left out of cache keys).
-COSMETIC_TRAINER_KEYS = {
-    "enable_progress_bar",
-    "enable_model_summary",
-    "log_every_n_steps",
-    "profiler",
-    "barebones",
-}
 
 
-def stages() -> dict[str, Any]:
-    """The stage implementations, by name, in pipeline order."""
-    from .stages.evaluate import EvalStage
-    from .stages.lm import PretrainStage, SFTStage
-    from .stages.rl import RLStage
-    from .stages.rm import RMStage
-
-    return {s.name: s for s in (PretrainStage(), SFTStage(), RMStage(), RLStage(), EvalStage())}
-
-
-def _refs(value: Any) -> Iterator[str]:
+def _refs(value: object) -> Iterator[str]:
     """Every ``@stage`` string inside a (nested) config value."""
     if isinstance(value, str):
         if value.startswith("@"):
@@ -68,45 +53,54 @@ def _refs(value: Any) -> Iterator[str]:
             yield from _refs(v)
 
 
-def stage_inputs(recipe: Recipe, stage: str) -> dict[str, Any]:
-    """The recipe blocks a stage reads model paths from: ``{recipe key: value}``."""
-    cfg = recipe.plain()
-    if stage == "pretrain":
-        return {}
-    if stage == "sft":
-        return {"sft.model": recipe.section("sft").model}
-    if stage == "rm":
-        return {"rm.model": recipe.section("rm").model}
-    needs_values = _needs_values(recipe)
-    inputs = {"policy": cfg["policy"], "reward": cfg["reward"]}
-    if needs_values:
-        inputs["value"] = cfg["value"]
-    for c in recipe.extra_losses:
-        inputs[c.name] = cfg[c.name]
-    if stage == "eval":
-        inputs["rl"] = "@rl"
-    return inputs
-
-
-def _needs_values(recipe: Recipe) -> bool:
-    from .registry import BuildContext
-
-    adv = recipe.choice("advantage")
-    est = recipe.registry.build("advantage", adv.name, adv.config, BuildContext(registry=recipe.registry))
-    return bool(est.needs_values)
-
-
 def dependencies(recipe: Recipe, stage: str) -> list[str]:
-    """Stages whose outputs ``stage`` reads (directly)."""
-    deps = []
-    for key, value in stage_inputs(recipe, stage).items():
+    """Stages whose outputs ``stage`` reads (directly): the ``@stage`` strings in its inputs."""
+    impls = recipe.registry.stages()
+    deps: list[str] = []
+    for key, value in impls[stage].inputs(recipe).items():
         for ref in _refs(value):
-            if ref not in STAGE_NAMES:
-                raise ConfigError(f"{key}: '@{ref}' is not a stage (stages: {', '.join(STAGE_NAMES)})")
-            if STAGE_NAMES.index(ref) >= STAGE_NAMES.index(stage):
-                raise ConfigError(f"{key}: '@{ref}' is produced after the {stage} stage that reads it")
-            deps.append(ref)
-    return sorted(set(deps), key=STAGE_NAMES.index)
+            if ref not in impls:
+                raise ConfigError(f"{key}: '@{ref}' is not a stage (stages: {one_of(impls)})")
+            if ref == stage:
+                raise ConfigError(f"{key}: the {stage} stage cannot read its own output '@{ref}'")
+            if ref not in deps:
+                deps.append(ref)
+    return deps
+
+
+def stage_order(recipe: Recipe) -> list[str]:
+    """The recipe's stages and their dependencies, every stage after the stages it reads.
+
+    A listed stage placed before a listed stage it reads is an error, and so is reading a stage
+    that is not cached (its output exists only inside a run) without listing it.
+    """
+    impls = recipe.registry.stages()
+    listed = recipe.stages
+    order: list[str] = []
+    visiting: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name in visiting:
+            raise ConfigError(f"stages: '{name}' depends on itself ({' → '.join([*visiting, name])})")
+        visiting.append(name)
+        for dep in dependencies(recipe, name):
+            if dep in listed and name in listed and listed.index(dep) > listed.index(name):
+                raise ConfigError(
+                    f"stages: '{name}' reads the output of '{dep}', so '{dep}' must come first (got {', '.join(listed)})"
+                )
+            if dep not in listed and impls[dep].cache_key(recipe) is None and impls[dep].skip(recipe) is None:
+                raise ConfigError(
+                    f"stages: '{name}' reads '@{dep}', which is not cached; list '{dep}' before '{name}'"
+                )
+            visit(dep)
+        visiting.pop()
+        order.append(name)
+
+    for name in listed:
+        visit(name)
+    return order
 
 
 @dataclass
@@ -122,16 +116,6 @@ class StagePlan:
     note: str = ""
 
 
-@dataclass
-class Plan:
-    """The ordered stages of a run."""
-
-    stages: list[StagePlan] = field(default_factory=list)
-
-    def by_name(self) -> dict[str, StagePlan]:
-        return {s.name: s for s in self.stages}
-
-
 def cache_root(recipe: Recipe) -> Path:
     """The stage cache: ``cache_dir`` key, else ``$INSTRUCTRL_CACHE_DIR``, else ``~/.cache/instructrl``."""
     configured = recipe.cfg.get("cache_dir")
@@ -143,69 +127,42 @@ def cache_root(recipe: Recipe) -> Path:
     return Path(base) / "instructrl"
 
 
-def make_plan(recipe: Recipe, run_dir: Path, *, use_cache: bool = True) -> Plan:
-    """Resolve which stages run, which come from the cache, and every stage's input paths."""
+def make_plan(recipe: Recipe, run_dir: Path, *, use_cache: bool = True) -> list[StagePlan]:
+    """Resolve which stages run, which come from the cache, and every stage's output path."""
     from instructrl import __version__
 
-    impls = stages()
-    wanted = set(recipe.stages)
-    closure: set[str] = set()
-    todo = list(recipe.stages)
-    while todo:
-        s = todo.pop()
-        if s in closure:
-            continue
-        closure.add(s)
-        todo += dependencies(recipe, s)
-    plan = Plan()
+    impls = recipe.registry.stages()
+    plan: list[StagePlan] = []
     keys: dict[str, str] = {}
-    cfg = recipe.plain()
     root = cache_root(recipe)
-    for name in STAGE_NAMES:
-        if name not in closure:
-            continue
+    for name in stage_order(recipe):
         impl = impls[name]
-        if name == "pretrain" and recipe.section("base").model:
-            path = str(recipe.section("base").model)
-            plan.stages.append(
-                StagePlan(
-                    name,
-                    "skipped",
-                    None,
-                    output=path,
-                    in_recipe=name in wanted,
-                    note=f"base.model is set: {path}",
-                )
-            )
-            keys[name] = f"path:{os.path.abspath(path)}"
+        impl.check(recipe)
+        listed = name in recipe.stages
+        skipped = impl.skip(recipe)
+        if skipped is not None:
+            reason, output = skipped
+            plan.append(StagePlan(name, "skipped", None, output=output, in_recipe=listed, note=reason))
+            keys[name] = f"path:{os.path.abspath(output)}"
             continue
-        inputs = {}
-        for key, value in stage_inputs(recipe, name).items():
-            inputs[key] = _fingerprint(value, keys)
-        if impl.cacheable and use_cache:
-            sections = {sec: _hashable_section(cfg, sec) for sec in impl.reads}
-            key = stable_hash({"stage": name, "version": __version__, "config": sections, "inputs": inputs})
+        inputs = {key: _fingerprint(value, keys) for key, value in impl.inputs(recipe).items()}
+        content = impl.cache_key(recipe) if use_cache else None
+        if content is not None:
+            key = stable_hash({"stage": name, "version": __version__, "config": content, "inputs": inputs})
             keys[name] = key
             entry = root / f"{name}-{key}"
             done = (entry / COMPLETE).is_file()
-            plan.stages.append(
-                StagePlan(name, "cached" if done else "run", entry, key, str(entry / "model"), name in wanted)
+            plan.append(
+                StagePlan(name, "cached" if done else "run", entry, key, str(entry / MODEL_SUBDIR), listed)
             )
         else:
             keys[name] = stable_hash({"stage": name, "run": str(run_dir), "inputs": inputs})
             d = run_dir / name
-            plan.stages.append(StagePlan(name, "run", d, None, str(d / "model"), True))
+            plan.append(StagePlan(name, "run", d, None, str(d / MODEL_SUBDIR), True))
     return plan
 
 
-def _hashable_section(cfg: Mapping[str, Any], section: str) -> Any:
-    value = cfg.get(section)
-    if section == "trainer" and isinstance(value, Mapping):
-        return {k: v for k, v in value.items() if k not in COSMETIC_TRAINER_KEYS}
-    return value
-
-
-def _fingerprint(value: Any, keys: Mapping[str, str]) -> Any:
+def _fingerprint(value: object, keys: Mapping[str, str]) -> object:
     """Replace ``@stage`` references by that stage's cache key and paths by absolute paths."""
     if isinstance(value, str):
         if value.startswith("@"):
@@ -220,41 +177,47 @@ def _fingerprint(value: Any, keys: Mapping[str, str]) -> Any:
     return value
 
 
-def check_paths(recipe: Recipe, plan: Plan) -> list[dict[str, str]]:
-    """Every model path a stage reads: exists now, or will be produced by a planned stage."""
-    produced = {s.name for s in plan.stages}
+def check_paths(recipe: Recipe, plan: list[StagePlan]) -> list[dict[str, str]]:
+    """Every model path a stage reads: exists now, or will be produced by a planned stage.
+
+    The paths are the string inputs of each stage and the fields its selected components mark
+    with ``model_path`` in their config dataclasses.
+    """
+    produced = {s.name: s for s in plan}
+    impls = recipe.registry.stages()
     report = []
-    for sp in plan.stages:
-        for key, value in stage_inputs(recipe, sp.name).items():
-            for k, v in _paths_in(key, value):
-                if v.startswith("@"):
-                    ref = v[1:]
-                    if ref not in produced:
-                        raise ConfigError(f"{k}: '{v}' is not produced by this run")
-                    src = plan.by_name()[ref]
-                    state = {"cached": "cached", "skipped": "given", "run": "to be produced"}[src.status]
-                    report.append({"key": k, "value": v, "status": state, "path": src.output or ""})
-                else:
-                    require_model_dir(v, k)
-                    report.append({"key": k, "value": v, "status": "exists", "path": os.path.abspath(v)})
-    if recipe.section("base").model:
-        require_model_dir(recipe.section("base").model, "base.model")
+    for sp in plan:
+        if sp.status == "skipped":
+            require_model_dir(str(sp.output), sp.note.split(":")[0] or sp.name)
+            continue
+        for key, value in model_paths(recipe, impls[sp.name].inputs(recipe)):
+            if value.startswith("@"):
+                src = produced.get(value[1:])
+                if src is None:
+                    raise ConfigError(f"{key}: '{value}' is not produced by this run")
+                state = {"cached": "cached", "skipped": "given", "run": "to be produced"}[src.status]
+                report.append({"key": key, "value": value, "status": state, "path": src.output or ""})
+            else:
+                require_model_dir(value, key)
+                report.append(
+                    {"key": key, "value": value, "status": "exists", "path": os.path.abspath(value)}
+                )
     return report
 
 
-def _paths_in(key: str, value: Any) -> Iterator[tuple[str, str]]:
-    """``(recipe key, value)`` of every model-path field in a block (``model``/``ref_model`` or refs)."""
-    if isinstance(value, str):
-        yield key, value
-    elif isinstance(value, Mapping):
-        for k, v in value.items():
-            if k in ("model", "ref_model") and isinstance(v, str):
-                yield f"{key}.{k}", v
-            elif isinstance(v, (Mapping, list)):
-                yield from _paths_in(f"{key}.{k}", v)
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _paths_in(f"{key}[{i}]", v)
+def model_paths(recipe: Recipe, inputs: Mapping[str, object]) -> Iterator[tuple[str, str]]:
+    """``(recipe key, value)`` of each model path in ``inputs`` (``{recipe key: value}``): string
+    values, and the ``model_path`` fields of the selected components whose blocks are given."""
+    by_path = {c.path: c for c in [*recipe.choices.values(), *recipe.extra_losses]}
+    for key, value in inputs.items():
+        if isinstance(value, str):
+            yield key, value
+        elif key in by_path and by_path[key].config is not None:
+            conf = by_path[key].config
+            for name in model_path_fields(type(conf)):
+                v = getattr(conf, name)
+                if isinstance(v, str):
+                    yield f"{key}.{name}", v
 
 
 def git_commit() -> str | None:
@@ -344,23 +307,21 @@ def execute(
     resume: bool = False,
     use_cache: bool = True,
     argv: list[str] | None = None,
-    log: Any = print,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the plan; returns the flat summary (also written to ``summary.json``)."""
-    impls = stages()
+    impls = recipe.registry.stages()
     start = time.perf_counter()
     summary: dict[str, Any] = {"run/status": "running", "run/seed": recipe.seed}
     paths: dict[str, str] = {}
     run_name = run_dir.name
     summary_path = run_dir / "summary.json"
     if resume and summary_path.is_file():
-        import json
-
-        previous = json.loads(summary_path.read_text())
+        previous = read_json(summary_path)
         summary.update({k: v for k, v in previous.items() if not k.startswith("run/")})
     # Stages are planned one at a time: a stage built by a concurrent run becomes a cache hit.
-    for name in [s.name for s in make_plan(recipe, run_dir, use_cache=use_cache).stages]:
-        sp = make_plan(recipe, run_dir, use_cache=use_cache).by_name()[name]
+    for name in [s.name for s in make_plan(recipe, run_dir, use_cache=use_cache)]:
+        sp = next(s for s in make_plan(recipe, run_dir, use_cache=use_cache) if s.name == name)
         t0 = time.perf_counter()
         if sp.status == "skipped":
             log(f"[{name}] skipped: {sp.note}")
@@ -378,7 +339,7 @@ def execute(
             if resume and done.is_file():
                 ran = False
                 log(f"[{name}] already complete in {sp.dir}")
-                result = _read_json(done)
+                result = read_json(done)
             else:
                 log(f"[{name}] running → {sp.dir}")
                 result = run_stage(impls[name], ctx)
@@ -395,13 +356,7 @@ def execute(
     return summary
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    return json.loads(path.read_text())
-
-
-def run_stage(impl: Any, ctx: StageContext) -> dict[str, Any]:
+def run_stage(impl: Stage, ctx: StageContext) -> dict[str, Any]:
     """Run one stage; an unexpected exception becomes a RunFailure naming the stage."""
     try:
         return impl.run(ctx)
@@ -413,20 +368,22 @@ def run_stage(impl: Any, ctx: StageContext) -> dict[str, Any]:
         ) from exc
 
 
-def _cached_stage(impl: Any, ctx: StageContext, sp: StagePlan, log: Any) -> dict[str, Any]:
+def _cached_stage(
+    impl: Stage, ctx: StageContext, sp: StagePlan, log: Callable[[str], None]
+) -> dict[str, Any]:
     entry = sp.dir
     assert entry is not None
     done = entry / COMPLETE
     if done.is_file():
         log(f"[{sp.name}] cached: {entry}")
-        return _read_json(done)
+        return read_json(done)
     if not is_global_zero():  # rank > 0 follows rank 0, which holds the lock
         return run_stage(impl, ctx)
     entry.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(entry) + ".lock"):
         if done.is_file():  # another run built it while we waited
             log(f"[{sp.name}] cached (built by a concurrent run): {entry}")
-            return _read_json(done)
+            return read_json(done)
         if entry.exists():
             shutil.rmtree(entry)  # an unfinished build
         entry.mkdir(parents=True)
@@ -448,7 +405,7 @@ def run_recipe(
     overwrite: bool = False,
     use_cache: bool = True,
     argv: list[str] | None = None,
-    log: Any = print,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Prepare the run dir, write ``config.yaml``, execute; failures are recorded in ``summary.json``."""
     plan = make_plan(recipe, run_dir, use_cache=use_cache)
@@ -470,7 +427,7 @@ def run_recipe(
 
 def _mark(run_dir: Path, status: str, error: str) -> None:
     path = run_dir / "summary.json"
-    data = _read_json(path) if path.is_file() else {}
+    data = read_json(path) if path.is_file() else {}
     data["run/status"] = status
     data["run/error"] = error.splitlines()[0] if error else error
     write_json(path, data)

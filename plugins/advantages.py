@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from instructrl.core.fields import param
-from instructrl.core.hookspecs import hookimpl
+from instructrl.core.hookspecs import Register, hookimpl
 from instructrl.core.ops import masked_whiten
 from instructrl.core.registry import BuildContext
-from instructrl.core.types import AdvantageInput, AdvantageOutput
+from instructrl.core.types import AdvantageInput, AdvantageOutput, Needs
 from torch import Tensor
 
 # --------------------------------------------------------------------------------------------
@@ -129,10 +128,7 @@ class GAEConfig:
 
 
 class GAE:
-    needs_values = True
-    min_samples_per_prompt = 1
-    default_samples_per_prompt = 1
-    needs_greedy_baseline = False
+    """GAE with whitening; registered with ``Needs(values=True)``."""
 
     def __init__(self, config: GAEConfig) -> None:
         self.config = config
@@ -157,22 +153,11 @@ class OutcomeEstimator:
     ``baseline_fn(inp, returns)`` maps the ``(B,)`` sequence returns to ``(B,)`` advantages.
     """
 
-    needs_values = False
-
     def __init__(
-        self,
-        baseline_fn: Callable[[AdvantageInput, Tensor], Tensor],
-        *,
-        whiten: bool = False,
-        min_samples: int = 2,
-        default_samples: int = 4,
-        needs_greedy_baseline: bool = False,
+        self, baseline_fn: Callable[[AdvantageInput, Tensor], Tensor], *, whiten: bool = False
     ) -> None:
         self.baseline_fn = baseline_fn
         self.whiten = whiten
-        self.min_samples_per_prompt = min_samples
-        self.default_samples_per_prompt = default_samples
-        self.needs_greedy_baseline = needs_greedy_baseline
 
     def __call__(self, inp: AdvantageInput) -> AdvantageOutput:
         returns = sequence_returns(inp.rewards, inp.mask)
@@ -211,10 +196,7 @@ class ReinforcePPConfig:
 
 
 class ReinforcePP:
-    needs_values = False
-    min_samples_per_prompt = 1
-    default_samples_per_prompt = 1
-    needs_greedy_baseline = False
+    """REINFORCE++ returns-to-go, whitened."""
 
     def __init__(self, config: ReinforcePPConfig) -> None:
         self.config = config
@@ -246,18 +228,16 @@ def make_reinforce_pp(config: ReinforcePPConfig, ctx: BuildContext) -> Reinforce
 
 def make_remax(config: None, ctx: BuildContext) -> OutcomeEstimator:
     """ReMax: baseline = the reward of the greedy response to the same prompt."""
-    return OutcomeEstimator(
-        lambda inp, g: remax_advantages(g, inp.baseline),
-        min_samples=1,
-        default_samples=1,
-        needs_greedy_baseline=True,
-    )
+    return OutcomeEstimator(lambda inp, g: remax_advantages(g, inp.baseline))
+
+
+GROUP = Needs(min_samples_per_prompt=2, default_samples_per_prompt=4)
 
 
 @hookimpl
-def register_advantage_estimators(register: Any) -> None:
-    register("gae", make_gae, config=GAEConfig)
-    register("rloo", make_rloo, config=RLOOConfig)
-    register("grpo", make_grpo, config=GRPOConfig)
+def register_advantage_estimators(register: Register) -> None:
+    register("gae", make_gae, config=GAEConfig, needs=Needs(values=True))
+    register("rloo", make_rloo, config=RLOOConfig, needs=GROUP)
+    register("grpo", make_grpo, config=GRPOConfig, needs=GROUP)
     register("reinforce_pp", make_reinforce_pp, config=ReinforcePPConfig)
-    register("remax", make_remax)
+    register("remax", make_remax, needs=Needs(greedy_baseline=True))

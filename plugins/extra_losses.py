@@ -3,20 +3,23 @@
 Ouyang et al. (2022), eq. 2: ``objective(φ) = E[r − β log(π/π_SFT)] + γ E_{x∼D_pretrain}[log π(x)]``.
 We add ``γ · L_ptx`` to the loss of every optimiser step, where ``L_ptx`` is the mean next-token
 cross-entropy **per token** (nats/token) over a batch of ``batch_size`` packed sequences of
-``seq_len`` tokens of the task's pretraining text, drawn fresh for every step.
+``seq_len`` tokens of the task's pretraining text, drawn fresh for every step. Under gradient
+accumulation the batch is split over the step's micro-batches, each weighted by its share of rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from instructrl.core.fields import param
 from instructrl.core.errors import DataError
-from instructrl.core.hookspecs import hookimpl
+from instructrl.core.fields import param
+from instructrl.core.hookspecs import Register, hookimpl
 from instructrl.core.registry import BuildContext
-from instructrl.core.types import LossOutput, scalar
+from instructrl.core.training import pack_docs
+from instructrl.core.types import ExtraLossInput, LossOutput, Needs, scalar
+from torch import Tensor
 
 
 @dataclass
@@ -36,35 +39,41 @@ class PtxConfig:
             raise ValueError(f"seq_len must be >= 2 (got {self.seq_len})")
 
 
-def pack_tokens(tokenizer: Any, docs: list[str], seq_len: int) -> torch.Tensor:
-    """``(N, seq_len)`` chunks of the documents tokenized as ``BOS … EOS`` and concatenated."""
-    stream: list[int] = []
-    for d in docs:
-        stream += tokenizer(d, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
-    n = len(stream) // seq_len
-    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
-
-
 class PtxLoss:
-    """``γ · LM loss`` on a fresh batch of pretraining text each step."""
+    """``γ · LM loss`` on a fresh batch of pretraining text each optimiser step, split over the
+    step's micro-batches so the accumulated gradient is the whole batch's (stateful: its random
+    generator is checkpointed)."""
 
-    def __init__(self, config: PtxConfig, data: torch.Tensor, seed: int, rank: int) -> None:
+    def __init__(self, config: PtxConfig, data: Tensor, seed: int, rank: int) -> None:
         self.coef = config.coef
         self.config = config
         self.data = data
-        self.seed = seed
-        self.rank = rank
+        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+        self.rows: Tensor | None = None
 
-    def batch(self, step: int) -> torch.Tensor:
-        """``(batch_size, seq_len)`` rows for optimiser step ``step`` (deterministic, per process)."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 7919 + self.rank)
-        idx = torch.randint(0, self.data.shape[0], (self.config.batch_size,), generator=gen)
+    def batch(self) -> Tensor:
+        """``(batch_size, seq_len)`` rows for the next optimiser step (advances the generator)."""
+        idx = torch.randint(0, self.data.shape[0], (self.config.batch_size,), generator=self.generator)
         return self.data[idx]
 
-    def __call__(self, policy: Any, step: int) -> LossOutput:
-        ids = self.batch(step).to(next(policy.model.parameters()).device)
-        loss = policy.lm_loss(ids, torch.ones_like(ids))
-        return LossOutput(self.coef * loss, {"loss": scalar(loss)})
+    def __call__(self, inp: ExtraLossInput) -> LossOutput:
+        if inp.micro_index == 0 or self.rows is None:
+            self.rows = self.batch()
+        chunk = torch.tensor_split(self.rows, inp.micro_count)[inp.micro_index]
+        if chunk.shape[0] == 0:  # more micro-batches than ptx rows: this one carries none
+            zero = next(inp.policy.model.parameters()).sum() * 0.0
+            return LossOutput(zero, {})
+        ids = chunk.to(next(inp.policy.model.parameters()).device)
+        loss = inp.policy.lm_loss(ids, torch.ones_like(ids))
+        weight = chunk.shape[0] / self.config.batch_size  # every row has seq_len real tokens
+        return LossOutput(self.coef * weight * loss, {"loss": scalar(loss)})
+
+    def state_dict(self) -> dict[str, object]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        self.generator.set_state(state["generator"])  # type: ignore[arg-type]
+        self.rows = None
 
 
 def make_ptx(config: PtxConfig, ctx: BuildContext) -> PtxLoss:
@@ -74,11 +83,10 @@ def make_ptx(config: PtxConfig, ctx: BuildContext) -> PtxLoss:
     docs = list(ctx.task.pretraining_text("train"))
     if not docs:
         raise DataError(
-            "ptx: the task has no pretraining text (task.pretraining_text('train') is empty); set ptx.coef=0"
+            "ptx: the task has no pretraining text (task.pretraining_text('train') is empty); "
+            "choose a task with pretraining text (task.name / task.pretraining) or set ptx.coef=0"
         )
-    data = pack_tokens(ctx.tokenizer, docs, config.seq_len)
-    if data.shape[0] == 0:
-        raise DataError(f"ptx: the pretraining text is shorter than one sequence of {config.seq_len} tokens")
+    data = pack_docs(ctx.tokenizer, docs, config.seq_len, "ptx: the pretraining text")
     rank = (
         torch.distributed.get_rank()
         if torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -88,5 +96,5 @@ def make_ptx(config: PtxConfig, ctx: BuildContext) -> PtxLoss:
 
 
 @hookimpl
-def register_extra_losses(register: Any) -> None:
-    register("ptx", make_ptx, config=PtxConfig)
+def register_extra_losses(register: Register) -> None:
+    register("ptx", make_ptx, config=PtxConfig, needs=Needs(stateful=True))

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from instructrl.core.fields import param
-from instructrl.core.hookspecs import hookimpl
+from instructrl.core.hookspecs import Register, hookimpl
 from instructrl.core.models import (
     backbone_and_head,
     load_causal_lm,
@@ -31,9 +30,11 @@ from instructrl.core.types import (
     PolicyOutput,
     RewardInput,
     TokenBatch,
+    join_prompt_response,
     position_ids_from_mask,
 )
 from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # --------------------------------------------------------------------------------------------
 # Policy
@@ -42,26 +43,15 @@ from torch import Tensor
 
 @dataclass
 class HFPolicyConfig:
-    model: str = param("@sft", "The policy's initial weights: '@sft' or an HF causal-LM dir.")
+    model: str = param(
+        "@sft", "The policy's initial weights: '@sft' or an HF causal-LM dir.", model_path="weights"
+    )
     ref_model: str | None = param(
-        None, "The KL reference; null = the same dir as `model` (InstructGPT: the SFT model)."
+        None,
+        "The KL reference; null = a frozen copy of the initial weights (InstructGPT: the SFT model).",
+        model_path="reference",
     )
     trust_remote_code: bool = param(False, "Allow model code from the model dir.")
-
-
-def sequence_batch(
-    prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor
-) -> TokenBatch:
-    """Join left-padded prompts ``(B, P)`` and right-padded responses ``(B, R)`` into a TokenBatch."""
-    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)
-    return TokenBatch(
-        input_ids,
-        attention_mask,
-        position_ids_from_mask(attention_mask),
-        response_mask.float(),
-        prompt_ids.shape[1],
-    )
 
 
 def response_mask_from_ids(response_ids: Tensor, eos_id: int) -> tuple[Tensor, Tensor]:
@@ -77,7 +67,11 @@ class HFPolicy:
     """A causal LM from an HF dir (``AutoModelForCausalLM``), dropout off."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, ref_path: str | None = None, trust_remote_code: bool = False
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        ref_path: str | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -108,7 +102,7 @@ class HFPolicy:
         """Sample responses to left-padded prompts ``(B, P)``; see :class:`~instructrl.core.protocols.Policy`."""
         was_training = self.model.training
         self.model.eval()
-        kwargs: dict[str, Any] = (
+        kwargs: dict[str, object] = (
             {"do_sample": False}
             if greedy
             else {"do_sample": True, "temperature": float(temperature), "top_k": 0, "top_p": 1.0}
@@ -127,7 +121,7 @@ class HFPolicy:
         response = out[:, input_ids.shape[1] :]
         mask, ended = response_mask_from_ids(response, self.eos_id)
         response = torch.where(mask.bool(), response, torch.full_like(response, self.pad_id))
-        batch = sequence_batch(input_ids, attention_mask, response, mask)
+        batch = join_prompt_response(input_ids, attention_mask, response, mask)
         return Generation(batch, ended, self.decode(response, mask, ended))
 
     def decode(self, response_ids: Tensor, mask: Tensor, ended: Tensor) -> list[Completion]:
@@ -181,10 +175,11 @@ def make_hf_policy(config: HFPolicyConfig, ctx: BuildContext) -> HFPolicy:
     """A Hugging Face causal LM (AutoModelForCausalLM) as the policy; dropout off."""
     path = ctx.resolve(config.model, "policy.model")
     ref_path = ctx.resolve(config.ref_model, "policy.ref_model") if config.ref_model else None
-    policy = load_policy(path, "policy.model", config.trust_remote_code)
-    policy._ref_path = ref_path
-    policy._trust_remote_code = config.trust_remote_code
-    return policy
+    tokenizer = load_tokenizer(path, "policy.model", config.trust_remote_code)
+    model = load_causal_lm(
+        path, "policy.model", tokenizer=tokenizer, trust_remote_code=config.trust_remote_code
+    )
+    return HFPolicy(model, tokenizer, ref_path, config.trust_remote_code)
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,7 +190,9 @@ def make_hf_policy(config: HFPolicyConfig, ctx: BuildContext) -> HFPolicy:
 @dataclass
 class HFValueConfig:
     model: str = param(
-        "@rm", "Initial weights: '@rm' (InstructGPT: the value function starts from the RM) or an HF dir."
+        "@rm",
+        "Initial weights: '@rm' (InstructGPT: the value function starts from the RM) or an HF dir.",
+        model_path="weights",
     )
     trust_remote_code: bool = param(False, "Allow model code from the model dir.")
 
@@ -203,7 +200,7 @@ class HFValueConfig:
 class HFValueModel:
     """A sequence-classification model read at every position: ``score(hidden_t)`` is ``V(s_t)``."""
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.body, self.head = backbone_and_head(model)
@@ -243,7 +240,9 @@ def make_hf_value(config: HFValueConfig, ctx: BuildContext) -> HFValueModel:
 @dataclass
 class LearnedRewardConfig:
     model: str = param(
-        "@rm", "The reward model: '@rm' (this pipeline's RM stage) or an HF sequence-classification dir."
+        "@rm",
+        "The reward model: '@rm' (this pipeline's RM stage) or an HF sequence-classification dir.",
+        model_path="weights",
     )
     trust_remote_code: bool = param(False, "Allow model code from the model dir.")
 
@@ -251,7 +250,9 @@ class LearnedRewardConfig:
 class LearnedReward:
     """A trained scalar-head model scoring the last real token of prompt + response."""
 
-    def __init__(self, model: Any, tokenizer: Any, stats: dict[str, float]) -> None:
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, stats: dict[str, float]
+    ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.stats = stats
@@ -260,6 +261,10 @@ class LearnedReward:
     def score(self, inp: RewardInput) -> Tensor:
         """``(B,)`` score at the last real token (the EOS when the response ended)."""
         return score_last_token(self.model, inp.batch)
+
+    def demo_mean(self) -> float | None:
+        """The demonstrations' mean score the RM stage recorded next to the model, if any."""
+        return self.stats.get("demo_mean")
 
 
 def make_learned_reward(config: LearnedRewardConfig, ctx: BuildContext) -> LearnedReward:
@@ -273,15 +278,15 @@ def make_learned_reward(config: LearnedRewardConfig, ctx: BuildContext) -> Learn
 
 
 @hookimpl
-def register_policies(register: Any) -> None:
+def register_policies(register: Register) -> None:
     register("hf", make_hf_policy, config=HFPolicyConfig)
 
 
 @hookimpl
-def register_value_models(register: Any) -> None:
+def register_value_models(register: Register) -> None:
     register("hf", make_hf_value, config=HFValueConfig)
 
 
 @hookimpl
-def register_reward_models(register: Any) -> None:
+def register_reward_models(register: Register) -> None:
     register("learned", make_learned_reward, config=LearnedRewardConfig)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from instructrl.core.fields import param
-from instructrl.core.hookspecs import hookimpl
+from instructrl.core.hookspecs import Register, hookimpl
 from instructrl.core.registry import BuildContext
-from instructrl.core.types import KLInput
+from instructrl.core.types import ControllerInput, KLInput, Needs
 from torch import Tensor
 
 # --------------------------------------------------------------------------------------------
@@ -73,8 +72,6 @@ def kl_full(logits: Tensor, ref_logits: Tensor) -> Tensor:
 class DeltaEstimator:
     """A KL estimator that only needs the sampled tokens' logprobs."""
 
-    needs_logits = False
-
     def __init__(self, fn: Callable[[Tensor, Tensor], Tensor]) -> None:
         self.fn = fn
 
@@ -83,9 +80,7 @@ class DeltaEstimator:
 
 
 class FullEstimator:
-    """The exact KL from both models' full-vocabulary logits."""
-
-    needs_logits = True
+    """The exact KL from both models' full-vocabulary logits (registered with ``Needs(logits=True)``)."""
 
     def __call__(self, inp: KLInput) -> Tensor:
         if inp.logits is None or inp.ref_logits is None:
@@ -169,14 +164,14 @@ class FixedKL:
     def coef(self) -> float:
         return self._coef
 
-    def update(self, kl: float, n_steps: int) -> None:
+    def update(self, inp: ControllerInput) -> None:
         """Nothing to adapt."""
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, object]:
         return {"coef": self._coef}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._coef = float(state["coef"])
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        self._coef = float(state["coef"])  # type: ignore[arg-type]
 
 
 class AdaptiveKL(FixedKL):
@@ -187,8 +182,9 @@ class AdaptiveKL(FixedKL):
         self.target = float(target)
         self.horizon = int(horizon)
 
-    def update(self, kl: float, n_steps: int) -> None:
-        self._coef = adaptive_kl_update(self._coef, kl, self.target, self.horizon, n_steps)
+    def update(self, inp: ControllerInput) -> None:
+        """Move β by the clipped error of the mean per-sequence KL over ``n_episodes`` episodes."""
+        self._coef = adaptive_kl_update(self._coef, inp.mean_kl, self.target, self.horizon, inp.n_episodes)
 
 
 def make_fixed(config: FixedKLConfig, ctx: BuildContext) -> FixedKL:
@@ -202,15 +198,15 @@ def make_adaptive(config: AdaptiveKLConfig, ctx: BuildContext) -> AdaptiveKL:
 
 
 @hookimpl
-def register_kl_estimators(register: Any) -> None:
+def register_kl_estimators(register: Register) -> None:
     register("k1", make_k1)
     register("k2", make_k2)
     register("k3", make_k3)
     register("abs", make_abs)
-    register("full", make_full)
+    register("full", make_full, needs=Needs(logits=True))
 
 
 @hookimpl
-def register_kl_controllers(register: Any) -> None:
+def register_kl_controllers(register: Register) -> None:
     register("fixed", make_fixed, config=FixedKLConfig)
     register("adaptive", make_adaptive, config=AdaptiveKLConfig)

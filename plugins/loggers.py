@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Any
 
-from instructrl.core.fields import param
 from instructrl.core.errors import ConfigError
-from instructrl.core.hookspecs import hookimpl
+from instructrl.core.fields import param
+from instructrl.core.hookspecs import Register, hookimpl
 from instructrl.core.registry import BuildContext
+from instructrl.core.types import Needs
+from lightning.pytorch.loggers import Logger
 
 
 def _require(module: str, extra: str, name: str) -> None:
@@ -28,7 +29,7 @@ class CSVConfig:
     flush_every: int = param(50, "Write metrics.csv every N logged steps (and at the end).")
 
 
-def make_csv(config: CSVConfig, ctx: BuildContext) -> Any:
+def make_csv(config: CSVConfig, ctx: BuildContext) -> Logger:
     """Lightning's CSVLogger writing RUN/<stage>/metrics.csv (always on)."""
     from lightning.pytorch.loggers import CSVLogger
 
@@ -42,7 +43,7 @@ class TensorBoardConfig:
     subdir: str = param("tensorboard", "Event files go to RUN/<stage>/<subdir>.")
 
 
-def make_tensorboard(config: TensorBoardConfig, ctx: BuildContext) -> Any:
+def make_tensorboard(config: TensorBoardConfig, ctx: BuildContext) -> Logger:
     """Lightning's TensorBoardLogger (needs the tensorboard extra)."""
     _require("tensorboard", "tensorboard", "tensorboard")
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -58,18 +59,18 @@ class WandbConfig:
     group: str | None = param(None, "Run group; null = the run directory's name.")
 
 
-def make_wandb(config: WandbConfig, ctx: BuildContext) -> Any:
+def make_wandb(config: WandbConfig, ctx: BuildContext) -> Logger:
     """Lightning's WandbLogger (needs the wandb extra); one W&B run per stage, grouped by run."""
     _require("wandb", "wandb", "wandb")
     from lightning.pytorch.loggers import WandbLogger
 
-    run_name = ctx.extras.get("run_name", "run")
+    run_name = ctx.run_name
     return WandbLogger(
         project=config.project,
         entity=config.entity,
         offline=config.offline,
         group=config.group or run_name,
-        name=f"{run_name}/{ctx.extras.get('stage', 'stage')}",
+        name=f"{run_name}/{ctx.stage}",
         save_dir=str(ctx.stage_dir),
     )
 
@@ -80,20 +81,18 @@ class MLflowConfig:
     tracking_uri: str | None = param(None, "Tracking URI; null = ./mlruns under the stage dir.")
 
 
-def make_mlflow(config: MLflowConfig, ctx: BuildContext) -> Any:
+def make_mlflow(config: MLflowConfig, ctx: BuildContext) -> Logger:
     """Lightning's MLFlowLogger (needs the mlflow extra)."""
     _require("mlflow", "mlflow", "mlflow")
     from lightning.pytorch.loggers import MLFlowLogger
 
     uri = config.tracking_uri or f"file:{ctx.stage_dir}/mlruns"
-    return MLFlowLogger(
-        experiment_name=config.experiment, tracking_uri=uri, run_name=str(ctx.extras.get("stage", ""))
-    )
+    return MLFlowLogger(experiment_name=config.experiment, tracking_uri=uri, run_name=ctx.stage)
 
 
 @hookimpl
-def register_loggers(register: Any) -> None:
-    register("csv", make_csv, config=CSVConfig)
+def register_loggers(register: Register) -> None:
+    register("csv", make_csv, config=CSVConfig, needs=Needs(always_on=True))
     register("tensorboard", make_tensorboard, config=TensorBoardConfig)
     register("wandb", make_wandb, config=WandbConfig)
     register("mlflow", make_mlflow, config=MLflowConfig)

@@ -4,19 +4,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
 
 import torch
 from instructrl.core.fields import param
-from instructrl.core.hookspecs import hookimpl
-from instructrl.core.ops import masked_mean
+from instructrl.core.hookspecs import Register, hookimpl
+from instructrl.core.ops import Aggregation, masked_mean
 from instructrl.core.registry import BuildContext
 from instructrl.core.types import LossOutput, ObjectiveInput
 from torch import Tensor
-
-AggregationMode = Literal[
-    "token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"
-]
 
 
 def ppo_clip_loss(
@@ -68,7 +63,7 @@ class PPOClipConfig:
     dual_clip: float | None = param(
         None, "Dual-clip constant c > 1 bounding the loss for negative advantages; null = off."
     )
-    aggregation: AggregationMode = param("token_mean", "How per-token losses are reduced.")
+    aggregation: Aggregation = param("token_mean", "How per-token losses are reduced.")
 
     def __post_init__(self) -> None:
         if self.clip <= 0:
@@ -99,7 +94,7 @@ class PPOClip:
 
 @dataclass
 class PGConfig:
-    aggregation: AggregationMode = param("token_mean", "How per-token losses are reduced.")
+    aggregation: Aggregation = param("token_mean", "How per-token losses are reduced.")
 
 
 class PolicyGradient:
@@ -123,6 +118,6 @@ def make_pg(config: PGConfig, ctx: BuildContext) -> PolicyGradient:
 
 
 @hookimpl
-def register_objectives(register: Any) -> None:
+def register_objectives(register: Register) -> None:
     register("ppo_clip", make_ppo_clip, config=PPOClipConfig)
     register("pg", make_pg, config=PGConfig)

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from instructrl.core.fields import param
-from instructrl.core.hookspecs import hookimpl
+from instructrl.core.hookspecs import Register, hookimpl
 from instructrl.core.ops import all_reduce_sum, masked_whiten
 from instructrl.core.registry import BuildContext
-from instructrl.core.types import ShapingInput
+from instructrl.core.types import Needs, TransformInput
 from torch import Tensor
 
 # --------------------------------------------------------------------------------------------
@@ -26,7 +26,7 @@ class Affine:
     def __init__(self, gain: float, bias: float) -> None:
         self.gain, self.bias = float(gain), float(bias)
 
-    def __call__(self, inp: ShapingInput) -> Tensor:
+    def __call__(self, inp: TransformInput) -> Tensor:
         return self.gain * inp.scores + self.bias
 
 
@@ -41,10 +41,10 @@ def make_demo_bias(config: DemoBiasConfig, ctx: BuildContext) -> Affine:
     """InstructGPT: shift scores so the labeler demonstrations score 0 on average."""
     if config.bias is not None:
         return Affine(1.0, -config.bias)
-    stats = getattr(ctx.reward_model, "stats", None) or {}
-    if "demo_mean" in stats:
-        return Affine(1.0, -float(stats["demo_mean"]))
-    score = ctx.extras.get("score_demonstrations")
+    known = ctx.reward_model.demo_mean() if ctx.reward_model is not None else None
+    if known is not None:
+        return Affine(1.0, -float(known))
+    score = ctx.score_demonstrations
     if score is None:
         raise ValueError(
             "demo_bias needs the reward model's demonstration statistics or a way to score the demonstrations"
@@ -79,7 +79,7 @@ def fit_gain_bias(scores: Tensor, target_mean: float, target_std: float) -> tupl
 
 def make_gain_bias(config: GainBiasConfig, ctx: BuildContext) -> Affine:
     """lm-human-preferences: normalise so reference-policy samples score N(target_mean, target_std²)."""
-    sample = ctx.extras.get("score_reference_samples")
+    sample = ctx.score_reference_samples
     if sample is None:
         raise ValueError(
             "gain_bias needs a way to score reference-policy samples (only available in the RL stage)"
@@ -106,7 +106,7 @@ class Whiten:
     def __init__(self, shift_mean: bool) -> None:
         self.shift_mean = shift_mean
 
-    def __call__(self, inp: ShapingInput) -> Tensor:
+    def __call__(self, inp: TransformInput) -> Tensor:
         return masked_whiten(
             inp.scores.float(), torch.ones_like(inp.scores, dtype=torch.float), shift_mean=self.shift_mean
         )
@@ -141,7 +141,8 @@ def merge_moments(count: float, mean: float, m2: float, batch: Tensor) -> tuple[
 
 
 class RunningWhiten:
-    """Whitening with the running mean/std of every score seen so far (stateful; checkpointed)."""
+    """Whitening with the running mean/std of every rollout score seen so far (stateful and
+    checkpointed; a baseline batch is whitened with the current statistics but does not update them)."""
 
     def __init__(self, config: RunningWhitenConfig) -> None:
         self.config = config
@@ -151,18 +152,19 @@ class RunningWhiten:
     def var(self) -> float:
         return self.m2 / (self.count - 1) if self.count > 1 else 1.0
 
-    def __call__(self, inp: ShapingInput) -> Tensor:
-        self.count, self.mean, self.m2 = merge_moments(self.count, self.mean, self.m2, inp.scores)
+    def __call__(self, inp: TransformInput) -> Tensor:
+        if not inp.is_baseline:
+            self.count, self.mean, self.m2 = merge_moments(self.count, self.mean, self.m2, inp.scores)
         std = (self.var + self.config.eps) ** 0.5
         if self.config.shift_mean:
             return (inp.scores - self.mean) / std
         return inp.scores / std
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, object]:
         return {"count": self.count, "mean": self.mean, "m2": self.m2}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.count, self.mean, self.m2 = float(state["count"]), float(state["mean"]), float(state["m2"])
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        self.count, self.mean, self.m2 = (float(state[k]) for k in ("count", "mean", "m2"))  # type: ignore[arg-type]
 
 
 def make_running_whiten(config: RunningWhitenConfig, ctx: BuildContext) -> RunningWhiten:
@@ -189,7 +191,7 @@ class Clip:
     def __init__(self, low: float, high: float) -> None:
         self.low, self.high = low, high
 
-    def __call__(self, inp: ShapingInput) -> Tensor:
+    def __call__(self, inp: TransformInput) -> Tensor:
         return inp.scores.clamp(self.low, self.high)
 
 
@@ -211,7 +213,7 @@ class MissingEOSPenalty:
     def __init__(self, config: MissingEOSConfig) -> None:
         self.config = config
 
-    def __call__(self, inp: ShapingInput) -> Tensor:
+    def __call__(self, inp: TransformInput) -> Tensor:
         penalised = (
             torch.full_like(inp.scores, self.config.penalty)
             if self.config.mode == "replace"
@@ -238,7 +240,7 @@ class LengthPenalty:
     def __init__(self, coef: float) -> None:
         self.coef = coef
 
-    def __call__(self, inp: ShapingInput) -> Tensor:
+    def __call__(self, inp: TransformInput) -> Tensor:
         return inp.scores - self.coef * inp.lengths.float()
 
 
@@ -248,11 +250,11 @@ def make_length_penalty(config: LengthPenaltyConfig, ctx: BuildContext) -> Lengt
 
 
 @hookimpl
-def register_reward_transforms(register: Any) -> None:
+def register_reward_transforms(register: Register) -> None:
     register("demo_bias", make_demo_bias, config=DemoBiasConfig)
     register("gain_bias", make_gain_bias, config=GainBiasConfig)
     register("whiten", make_whiten, config=WhitenConfig)
-    register("running_whiten", make_running_whiten, config=RunningWhitenConfig)
+    register("running_whiten", make_running_whiten, config=RunningWhitenConfig, needs=Needs(stateful=True))
     register("clip", make_clip, config=ClipConfig)
     register("missing_eos_penalty", make_missing_eos_penalty, config=MissingEOSConfig)
     register("length_penalty", make_length_penalty, config=LengthPenaltyConfig)

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from instructrl.core.fields import check_keys, param, validate
 from instructrl.core.errors import ConfigError, RunFailure
-from instructrl.core.hookspecs import hookimpl
+from instructrl.core.fields import check_keys, field_names, param, validate
+from instructrl.core.hookspecs import Register, hookimpl
+from instructrl.core.protocols import GoldJudge, RewardModel
 from instructrl.core.registry import BuildContext
 from instructrl.core.types import RewardInput
 from torch import Tensor
@@ -25,17 +26,20 @@ from torch import Tensor
 class GoldReward:
     """The task's gold judge as the reward (an upper bound; over-optimisation studies)."""
 
-    def __init__(self, judge: Any) -> None:
+    def __init__(self, judge: GoldJudge) -> None:
         self.judge = judge
-        self.stats: dict[str, float] = {}
 
     def score(self, inp: RewardInput) -> Tensor:
         return torch.tensor(self.judge.score(inp.prompts, inp.completions), dtype=torch.float)
 
+    def demo_mean(self) -> float | None:
+        """Unknown: ``demo_bias`` scores the demonstrations itself."""
+        return None
+
 
 def make_gold(config: None, ctx: BuildContext) -> GoldReward:
     """The task's gold judge as the reward model (upper bound for over-optimisation studies)."""
-    judge = getattr(ctx.task, "gold", None)
+    judge = ctx.task.gold if ctx.task is not None else None
     if judge is None:
         raise ConfigError("reward.name: 'gold' needs a task with a gold judge (task.name=world)")
     return GoldReward(judge)
@@ -61,7 +65,7 @@ class CallableConfig:
         import_function(self.fn, "fn")  # fail at validation (and in --dry-run), not mid-run
 
 
-def import_function(spec: str, key: str) -> Any:
+def import_function(spec: str, key: str) -> Callable[..., object]:
     """Import ``package.module:function``; a ValueError naming ``key`` when it cannot (the config
     validation turns it into a one-line ConfigError with the recipe path)."""
     module_name, _, attr = spec.partition(":")
@@ -89,14 +93,17 @@ class CallableReward:
     It must return one float per completion.
     """
 
-    def __init__(self, fn: Any, name: str) -> None:
+    def __init__(self, fn: Callable[..., object], name: str) -> None:
         self.fn = fn
         self.name = name
-        self.stats: dict[str, float] = {}
+
+    def demo_mean(self) -> float | None:
+        """Unknown: ``demo_bias`` scores the demonstrations itself."""
+        return None
 
     def score(self, inp: RewardInput) -> Tensor:
         n = len(inp.completions)
-        fields: dict[str, list[Any]] = {}
+        fields: dict[str, list[object]] = {}
         for p in inp.prompts:
             for k in p.fields:
                 fields.setdefault(k, [])
@@ -115,7 +122,7 @@ class CallableReward:
                 f"reward function {self.name} raised {type(exc).__name__}: {exc} on a {where}"
             ) from exc
         try:
-            values = [float(v) for v in out]
+            values = [float(v) for v in out]  # type: ignore[attr-defined]
         except (TypeError, ValueError) as exc:
             raise RunFailure(
                 f"reward function {self.name} must return floats, one per completion; got {type(out).__name__} on a {where}"
@@ -144,7 +151,7 @@ def make_callable(config: CallableConfig, ctx: BuildContext) -> CallableReward:
 
 @dataclass
 class EnsembleConfig:
-    members: list[Any] = param(
+    members: list[dict[str, object]] = param(
         factory=list, help="Reward-model blocks, e.g. [{name: learned, model: '@rm'}, {name: gold}]."
     )
     weights: list[float] | None = param(None, "Weights of the members (normalised); null = equal.")
@@ -163,17 +170,20 @@ class EnsembleConfig:
 class EnsembleReward:
     """Weighted mean of several reward models' scores."""
 
-    def __init__(self, members: list[Any], weights: list[float]) -> None:
+    def __init__(self, members: list[RewardModel], weights: list[float]) -> None:
         self.members = members
         total = sum(weights)
         self.weights = [w / total for w in weights]
-        self.stats: dict[str, float] = {}
-        demo = [getattr(m, "stats", {}).get("demo_mean") for m in members]
-        if all(d is not None for d in demo):
-            self.stats["demo_mean"] = sum(w * d for w, d in zip(self.weights, demo))
 
     def score(self, inp: RewardInput) -> Tensor:
         return sum(w * m.score(inp).float() for w, m in zip(self.weights, self.members))  # type: ignore[return-value]
+
+    def demo_mean(self) -> float | None:
+        """The weighted mean of the members' demonstration means, when every member knows its own."""
+        means = [m.demo_mean() for m in self.members]
+        if any(d is None for d in means):
+            return None
+        return sum(w * float(d) for w, d in zip(self.weights, means))  # type: ignore[arg-type]
 
 
 def make_ensemble(config: EnsembleConfig, ctx: BuildContext) -> EnsembleReward:
@@ -189,16 +199,15 @@ def make_ensemble(config: EnsembleConfig, ctx: BuildContext) -> EnsembleReward:
             raise ConfigError(f"{path}.name: an ensemble cannot contain an ensemble")
         spec = reg.get("reward_model", name, f"{path}.name")
         own = {k: v for k, v in block.items() if k != "name"}
-        fields = [f for f in (spec.config.__dataclass_fields__ if spec.config else {})]
-        check_keys(own, fields, path, f"reward_model '{name}'")
+        check_keys(own, field_names(spec.config), path, f"reward_model '{name}'")
         conf = validate(spec.config, own, path) if spec.config else None
-        members.append(spec.factory(conf, ctx))
+        members.append(reg.build("reward_model", name, conf, ctx))
     weights = config.weights or [1.0] * len(members)
     return EnsembleReward(members, list(weights))
 
 
 @hookimpl
-def register_reward_models(register: Any) -> None:
+def register_reward_models(register: Register) -> None:
     register("gold", make_gold)
     register("callable", make_callable, config=CallableConfig)
     register("ensemble", make_ensemble, config=EnsembleConfig)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from instructrl.core.fields import param
 from instructrl.core.errors import DataError
-from instructrl.core.hookspecs import hookimpl
+from instructrl.core.fields import param
+from instructrl.core.hookspecs import Register, hookimpl
 from instructrl.core.protocols import SampleFn
 from instructrl.core.registry import BuildContext
 from instructrl.core.types import Completion, Demonstration, Prompt, Ranking
@@ -211,6 +211,10 @@ class JsonlTask:
         rl, held = self._prompt_splits()
         return {"rl": rl, "eval": held}[split]
 
+    def pair_kind(self, prompt: Prompt, a: Completion, b: Completion) -> str | None:
+        """File-based rankings carry no pair labels."""
+        return None
+
     def pretraining_text(self, split: str) -> list[str]:
         if "pretraining" not in self._cache:
             path = self.config.pretraining
@@ -236,5 +240,5 @@ def make_jsonl(config: JsonlConfig, ctx: BuildContext) -> JsonlTask:
 
 
 @hookimpl
-def register_tasks(register: Any) -> None:
+def register_tasks(register: Register) -> None:
     register("jsonl", make_jsonl, config=JsonlConfig)

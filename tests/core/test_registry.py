@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
-from instructrl.core.fields import param
 from instructrl.core.errors import ConfigError, PluginError
+from instructrl.core.fields import param
 from instructrl.core.hookspecs import hookimpl
 from instructrl.core.registry import KINDS, BuildContext, make_plugin_manager, make_registry
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from instructrl.core.fields import validate
 from instructrl.core.errors import ConfigError
+from instructrl.core.fields import validate
 from instructrl.core.registry import BuildContext
 from instructrl.core.types import AdvantageInput
 from instructrl.plugins.advantages import GAEConfig, discounted_returns, gae, grpo_advantages, rloo_advantages

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from instructrl.core.fields import validate
 from instructrl.core.errors import ConfigError
+from instructrl.core.fields import validate
 from instructrl.core.types import ObjectiveInput
 from instructrl.plugins.objectives import PGConfig, PolicyGradient, PPOClip, PPOClipConfig, ppo_clip_loss
 

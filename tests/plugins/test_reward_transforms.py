@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from instructrl.core.fields import validate
 from instructrl.core.errors import ConfigError
+from instructrl.core.fields import validate
 from instructrl.core.registry import BuildContext
 from instructrl.core.types import ShapingInput
 from instructrl.plugins.reward_transforms import ClipConfig, RunningWhiten, RunningWhitenConfig, fit_gain_bias

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from instructrl.core.fields import validate
 from instructrl.core.errors import ConfigError, DataError
+from instructrl.core.fields import validate
 from instructrl.plugins.tasks.jsonl import JsonlConfig, JsonlTask
 
 

@@ -4,16 +4,18 @@ and **sft** (supervised fine-tuning on the labeler demonstrations, loss on the r
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
-
-from ..errors import DataError
-from ..models import (
+from instructrl.core.config import Recipe
+from instructrl.core.errors import DataError
+from instructrl.core.fields import param, positive, unit_interval
+from instructrl.core.hookspecs import hookimpl
+from instructrl.core.io import is_global_zero, write_json
+from instructrl.core.models import (
     build_causal_lm,
     count_parameters,
     load_causal_lm,
@@ -22,9 +24,100 @@ from ..models import (
     set_dropout,
     train_tokenizer,
 )
-from ..ops import logprobs_from_logits
-from ..types import position_ids_from_mask
-from .common import StageContext, fit, is_global_zero, lr_lambda, make_trainer, seed_everything, write_json
+from instructrl.core.ops import logprobs_from_logits
+from instructrl.core.training import (
+    StageContext,
+    cache_blocks,
+    devices,
+    fit,
+    lr_lambda,
+    make_trainer,
+    pack_docs,
+    pad_right,
+    seed_everything,
+    tokenize_docs,
+)
+from instructrl.core.types import position_ids_from_mask
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+if TYPE_CHECKING:
+    from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class BaseSection:
+    """``base``: the base language model (stands in for GPT-3)."""
+
+    model: str | None = param(
+        None, "An existing HF causal-LM dir; when set the pretrain stage is skipped.", model_path="input"
+    )
+    arch: Literal["llama", "gpt2"] = param(
+        "llama", "Architecture of the tiny base model built from a config."
+    )
+    hidden_size: int = param(128, "Width of the tiny base model.")
+    layers: int = param(4, "Transformer blocks.")
+    heads: int = param(4, "Attention heads (must divide hidden_size).")
+    intermediate_size: int | None = param(
+        None, "MLP width; null means 4 × hidden_size (gpt2) or 8/3 × (llama)."
+    )
+    max_positions: int = param(256, "Longest sequence the model accepts.")
+    tokenizer: Literal["char", "bpe"] = param(
+        "char", "Tokenizer trained on the task's text: one token per character, or byte-level BPE."
+    )
+    vocab_size: int = param(512, "BPE vocabulary size (tokenizer=bpe only).")
+    trust_remote_code: bool = param(False, "Allow model code from the model dir (only for models you trust).")
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "layers", "heads", "max_positions", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.hidden_size % self.heads:
+            raise ValueError(
+                f"heads must divide hidden_size (got heads={self.heads}, hidden_size={self.hidden_size})"
+            )
+
+
+@dataclass
+class PretrainSection:
+    """``pretrain``: the tiny base LM trained on the task's pretraining corpus."""
+
+    seed: int = param(0, "Seed of the pretrain stage.")
+    steps: int = param(3000, "Optimiser steps.")
+    batch_size: int = param(32, "Sequences per step (per process).")
+    seq_len: int = param(128, "Tokens per training sequence (texts are packed).")
+    lr: float = param(2e-3, "Peak learning rate (AdamW), cosine decay after warmup.")
+    warmup_steps: int = param(100, "Linear warmup steps.")
+    weight_decay: float = param(0.1, "AdamW weight decay.")
+
+    def __post_init__(self) -> None:
+        positive(self, "steps", "batch_size", "seq_len", "lr")
+
+
+@dataclass
+class SFTSection:
+    """``sft``: supervised fine-tuning on the labeler demonstrations."""
+
+    seed: int = param(0, "Seed of the SFT stage.")
+    model: str = param(
+        "@pretrain", "Model to fine-tune: '@pretrain' or an HF causal-LM dir.", model_path="input"
+    )
+    epochs: int = param(16, "Epochs over the demonstrations (paper: 16).")
+    batch_size: int = param(32, "Demonstrations per step (per process).")
+    lr: float = param(1e-3, "Peak learning rate (AdamW).")
+    schedule: Literal["cosine", "constant"] = param(
+        "cosine", "Learning-rate schedule after warmup (paper: cosine)."
+    )
+    warmup_ratio: float = param(0.05, "Fraction of steps spent in linear warmup.")
+    weight_decay: float = param(0.0, "AdamW weight decay.")
+    dropout: float = param(0.0, "Residual/attention dropout during SFT (paper: 0.2 at 175B scale).")
+    response_only: bool = param(True, "Loss on response tokens only (prompt tokens masked).")
+    val_fraction: float = param(0.05, "Fraction of demonstrations held out for the validation loss.")
+
+    def __post_init__(self) -> None:
+        positive(self, "epochs", "batch_size", "lr")
+        unit_interval(self, "warmup_ratio", "dropout", "val_fraction")
 
 
 class CausalLMModule(pl.LightningModule):
@@ -77,7 +170,7 @@ class CausalLMModule(pl.LightningModule):
             f"{self.prefix}/val_loss", loss, prog_bar=True, sync_dist=True, batch_size=int(n.item()) or 1
         )
 
-    def configure_optimizers(self) -> Any:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
         opt = torch.optim.AdamW(
@@ -94,14 +187,8 @@ class CausalLMModule(pl.LightningModule):
 class PackedText(Dataset):
     """Documents tokenized (BOS … EOS), concatenated and cut into ``(seq_len,)`` chunks."""
 
-    def __init__(self, tokenizer: Any, docs: Sequence[str], seq_len: int) -> None:
-        stream: list[int] = []
-        for doc in docs:
-            stream += tokenizer(doc, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
-        n = len(stream) // seq_len
-        if n == 0:
-            raise DataError(f"pretraining text: {len(stream)} tokens is fewer than one sequence of {seq_len}")
-        self.data = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, docs: Sequence[str], seq_len: int) -> None:
+        self.data = pack_docs(tokenizer, docs, seq_len, "pretraining text")
 
     def __len__(self) -> int:
         return self.data.shape[0]
@@ -112,30 +199,15 @@ class PackedText(Dataset):
         return {"input_ids": x, "attention_mask": ones, "loss_mask": ones}
 
 
-def tokenize_docs(tokenizer: Any, docs: Sequence[str], max_len: int) -> list[list[int]]:
-    """Each document as BOS + tokens + EOS, truncated to ``max_len``."""
-    return [
-        (tokenizer(d, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id])[:max_len]
-        for d in docs
-    ]
-
-
-def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Right-padded ``(B, T)`` ids and mask."""
-    t = max(len(r) for r in rows)
-    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), t), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
 class Demos(Dataset):
     """SFT examples: BOS + prompt + response + EOS; the loss mask covers the response (and EOS)."""
 
     def __init__(
-        self, tokenizer: Any, pairs: Sequence[tuple[str, str]], max_len: int, response_only: bool
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        pairs: Sequence[tuple[str, str]],
+        max_len: int,
+        response_only: bool,
     ) -> None:
         self.rows: list[tuple[list[int], int]] = []
         for prompt, response in pairs:
@@ -160,7 +232,9 @@ class Demos(Dataset):
         return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
 
 
-def collate_docs(pad_id: int) -> Any:
+def collate_docs(pad_id: int) -> Callable[[Sequence[list[int]]], dict[str, Tensor]]:
+    """Right-pad documents into a batch whose loss covers every real token."""
+
     def collate(items: Sequence[list[int]]) -> dict[str, Tensor]:
         ids, mask = pad_right(items, pad_id)
         return {"input_ids": ids, "attention_mask": mask, "loss_mask": mask}
@@ -176,24 +250,35 @@ def collate_docs(pad_id: int) -> Any:
 class PretrainStage:
     """Train the tiny base LM (and its tokenizer) on the task's pretraining corpus."""
 
-    name = "pretrain"
-    reads = ("task", "base", "pretrain", "trainer")
-    cacheable = True
+    sections = {"base": BaseSection, "pretrain": PretrainSection}
 
-    def describe(self, recipe: Any) -> dict[str, Any]:
+    def inputs(self, recipe: Recipe) -> dict[str, object]:
+        return {}
+
+    def cache_key(self, recipe: Recipe) -> dict[str, object]:
+        return cache_blocks(recipe, "task", "base", "pretrain", "trainer")
+
+    def skip(self, recipe: Recipe) -> tuple[str, str] | None:
+        model = recipe.section("base").model
+        return (f"base.model is set: {model}", str(model)) if model else None
+
+    def check(self, recipe: Recipe) -> None:
+        """Nothing beyond the sections' own checks."""
+
+    def describe(self, recipe: Recipe) -> dict[str, object]:
         base, pre = recipe.section("base"), recipe.section("pretrain")
         if base.model:
             return {"skipped": f"base.model is set: {base.model}"}
-        devices = _devices(recipe)
+        n = devices(recipe)
         return {
             "model": f"{base.arch} hidden={base.hidden_size} layers={base.layers} heads={base.heads}",
             "tokenizer": base.tokenizer,
             "steps": pre.steps,
-            "tokens_per_step": pre.batch_size * pre.seq_len * devices,
-            "total_tokens": pre.steps * pre.batch_size * pre.seq_len * devices,
+            "tokens_per_step": pre.batch_size * pre.seq_len * n,
+            "total_tokens": pre.steps * pre.batch_size * pre.seq_len * n,
         }
 
-    def run(self, ctx: StageContext) -> dict[str, Any]:
+    def run(self, ctx: StageContext) -> dict[str, object]:
         recipe = ctx.recipe
         base, cfg = recipe.section("base"), recipe.section("pretrain")
         seed_everything(cfg.seed)
@@ -261,21 +346,31 @@ class PretrainStage:
 class SFTStage:
     """Fine-tune on the labeler demonstrations (loss on the response tokens by default)."""
 
-    name = "sft"
-    reads = ("task", "sft", "trainer")
-    cacheable = True
+    sections = {"sft": SFTSection}
 
-    def describe(self, recipe: Any) -> dict[str, Any]:
+    def inputs(self, recipe: Recipe) -> dict[str, object]:
+        return {"sft.model": recipe.section("sft").model}
+
+    def cache_key(self, recipe: Recipe) -> dict[str, object]:
+        return cache_blocks(recipe, "task", "sft", "trainer")
+
+    def skip(self, recipe: Recipe) -> tuple[str, str] | None:
+        return None
+
+    def check(self, recipe: Recipe) -> None:
+        """Nothing beyond the section's own checks."""
+
+    def describe(self, recipe: Recipe) -> dict[str, object]:
         cfg = recipe.section("sft")
         return {
             "epochs": cfg.epochs,
-            "batch_size": cfg.batch_size * _devices(recipe),
+            "batch_size": cfg.batch_size * devices(recipe),
             "lr": cfg.lr,
             "schedule": cfg.schedule,
             "loss": "response tokens" if cfg.response_only else "all tokens",
         }
 
-    def run(self, ctx: StageContext) -> dict[str, Any]:
+    def run(self, ctx: StageContext) -> dict[str, object]:
         recipe = ctx.recipe
         cfg = recipe.section("sft")
         seed_everything(cfg.seed)
@@ -296,7 +391,7 @@ class SFTStage:
         )
         train = Demos(tokenizer, pairs[n_val:], max_len, cfg.response_only)
         val = Demos(tokenizer, pairs[:n_val], max_len, cfg.response_only) if n_val else None
-        steps_per_epoch = max(1, len(train) // (cfg.batch_size * _devices(recipe)))
+        steps_per_epoch = max(1, len(train) // (cfg.batch_size * devices(recipe)))
         total = steps_per_epoch * cfg.epochs
         module = CausalLMModule(
             model,
@@ -334,6 +429,7 @@ class SFTStage:
         return summary
 
 
-def _devices(recipe: Any) -> int:
-    devices = recipe.cfg.trainer.get("devices", 1)
-    return int(devices) if isinstance(devices, int) and devices > 0 else 1
+@hookimpl
+def register_stages(register: Callable[..., None]) -> None:
+    register("pretrain", PretrainStage())
+    register("sft", SFTStage())

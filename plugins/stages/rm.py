@@ -12,37 +12,68 @@ torchmetrics, beside the labeler's own agreement with the gold judge (the ceilin
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-from torch.utils.data import DataLoader
-from torchmetrics import MeanMetric
-from torchmetrics.classification import BinaryAccuracy
-
-from ..errors import DataError
-from ..models import (
+from instructrl.core.config import Recipe
+from instructrl.core.errors import DataError
+from instructrl.core.fields import param, positive, unit_interval
+from instructrl.core.hookspecs import hookimpl
+from instructrl.core.io import is_global_zero, write_json
+from instructrl.core.models import (
     REWARD_STATS_FILE,
     load_scalar_head_model,
     load_tokenizer,
     save_model_dir,
     score_last_token,
 )
-from ..types import Completion, Prompt, Ranking, TokenBatch
-from .common import (
+from instructrl.core.protocols import Policy, Task
+from instructrl.core.training import (
     StageContext,
     batched,
+    cache_blocks,
+    devices,
     encode_pairs,
     fit,
-    is_global_zero,
     lr_lambda,
     make_trainer,
+    sample_completions,
     seed_everything,
-    write_json,
 )
+from instructrl.core.types import Completion, Prompt, Ranking, TokenBatch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAccuracy
+
+if TYPE_CHECKING:
+    from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class RMSection:
+    """``rm``: the reward model trained on K-way rankings of SFT samples."""
+
+    seed: int = param(0, "Seed of the RM stage (sampling for rankings and training).")
+    model: str = param(
+        "@sft", "Initialisation: '@sft' or an HF causal-LM dir; a scalar head is added.", model_path="input"
+    )
+    epochs: int = param(1, "Epochs over the rankings (paper: 1; more overfits).")
+    batch_size: int = param(16, "Prompts per step; all C(K,2) pairs of a prompt are one batch element.")
+    lr: float = param(3e-4, "Peak learning rate (AdamW), cosine decay.")
+    warmup_ratio: float = param(0.05, "Fraction of steps spent in linear warmup.")
+    weight_decay: float = param(0.0, "AdamW weight decay.")
+    sample_temperature: float = param(1.0, "Temperature of the SFT samples the labeler ranks.")
+    max_new_tokens: int = param(32, "Token budget of the SFT samples the labeler ranks.")
+
+    def __post_init__(self) -> None:
+        positive(self, "epochs", "batch_size", "lr", "sample_temperature", "max_new_tokens")
+        unit_interval(self, "warmup_ratio")
 
 
 class RankingBatch(NamedTuple):
@@ -75,7 +106,7 @@ def rm_loss(scores: Tensor, winners: Tensor, losers: Tensor, weights: Tensor, n_
 
 
 def collate_rankings(
-    tokenizer: Any, rankings: Sequence[Ranking], max_prompt: int, max_response: int
+    tokenizer: PreTrainedTokenizerBase, rankings: Sequence[Ranking], max_prompt: int, max_response: int
 ) -> RankingBatch:
     """Flatten rankings into one TokenBatch plus pair indices and weights."""
     prompts: list[str] = []
@@ -131,19 +162,19 @@ class RewardModelModule(pl.LightningModule):
         self.log("rm/margin", (scores[rb.winners] - scores[rb.losers]).mean(), batch_size=rb.n_prompts)
         return loss
 
-    def configure_optimizers(self) -> Any:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(self.total_steps, self.warmup_steps, "cosine")
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+    def transfer_batch_to_device(
+        self, batch: RankingBatch, device: torch.device, dataloader_idx: int
+    ) -> RankingBatch:
         if isinstance(batch, RankingBatch):
-            tb = batch.batch
-            tb = TokenBatch(*(t.to(device) if isinstance(t, Tensor) else t for t in tb))
             return RankingBatch(
-                tb,
+                batch.batch.to(device),
                 batch.winners.to(device),
                 batch.losers.to(device),
                 batch.weights.to(device),
@@ -153,25 +184,15 @@ class RewardModelModule(pl.LightningModule):
 
 
 def make_sampler(
-    policy: Any,
-    tokenizer: Any,
-    *,
-    temperature: float,
-    max_new_tokens: int,
-    max_prompt: int,
-    batch_size: int = 256,
-) -> Any:
+    policy: Policy, *, temperature: float, max_new_tokens: int, max_prompt: int
+) -> Callable[[Sequence[Prompt], int], list[list[Completion]]]:
     """A ``sample(prompts, k)`` function drawing ``k`` completions per prompt from ``policy``."""
-    from .common import encode_prompts
 
     def sample(prompts: Sequence[Prompt], k: int) -> list[list[Completion]]:
-        flat = [p.text for p in prompts for _ in range(k)]
-        out: list[Completion] = []
-        for chunk in batched(flat, batch_size):
-            ids, mask = encode_prompts(tokenizer, chunk, max_prompt)
-            out += policy.generate(
-                ids, mask, max_new_tokens=max_new_tokens, temperature=temperature
-            ).completions
+        flat = [p for p in prompts for _ in range(k)]
+        out = sample_completions(
+            policy, flat, max_prompt=max_prompt, max_new_tokens=max_new_tokens, temperature=temperature
+        )
         return [out[i * k : (i + 1) * k] for i in range(len(prompts))]
 
     return sample
@@ -179,10 +200,10 @@ def make_sampler(
 
 @torch.no_grad()
 def evaluate_rankings(
-    model: torch.nn.Module,
-    tokenizer: Any,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     rankings: Sequence[Ranking],
-    task: Any,
+    task: Task,
     max_prompt: int,
     max_response: int,
 ) -> dict[str, float]:
@@ -197,7 +218,6 @@ def evaluate_rankings(
     model.eval()
     acc_gold, acc_lab, ceiling = BinaryAccuracy(), BinaryAccuracy(), MeanMetric()
     kinds: dict[str, BinaryAccuracy] = {}
-    pair_kind = getattr(task, "pair_kind", None)
     for chunk in batched(list(rankings), 32):
         rb = collate_rankings(tokenizer, chunk, max_prompt, max_response)
         scores = score_last_token(model, rb.batch)
@@ -221,8 +241,8 @@ def evaluate_rankings(
                     same = r.ranks[i] == r.ranks[j]
                     agree = 0.5 if same else float((r.ranks[i] < r.ranks[j]) == (g[i] > g[j]))
                     ceiling.update(torch.tensor(agree))
-                    if pair_kind is not None:
-                        kind = str(pair_kind(r.prompt, r.responses[i], r.responses[j]))
+                    kind = task.pair_kind(r.prompt, r.responses[i], r.responses[j])
+                    if kind is not None:
                         kinds.setdefault(kind, BinaryAccuracy()).update(pred, target)
     out = {"rm/accuracy_vs_labeler": float(acc_lab.compute()) if acc_lab.update_count else float("nan")}
     if task.gold is not None and acc_gold.update_count:
@@ -236,21 +256,19 @@ def evaluate_rankings(
 
 
 @torch.no_grad()
-def score_texts(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    completions: Sequence[Completion],
-    max_prompt: int,
-    max_response: int,
+def score_demos(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, max_prompt: int, max_response: int
 ) -> Tensor:
-    """``(N,)`` RM scores of prompt/completion pairs, in batches."""
+    """``(N,)`` RM scores of the task's demonstrations (the RL tokenization; ``demo_bias`` reads
+    their mean)."""
     model.eval()
+    demos = list(task.demonstrations())
     out = []
-    for lo in range(0, len(prompts), 128):
+    for chunk in batched(demos, 128):
         tb = encode_pairs(
-            tokenizer, prompts[lo : lo + 128], completions[lo : lo + 128], max_prompt, max_response
-        )
+            tokenizer, [d.prompt.text for d in chunk], [Completion(d.response, True) for d in chunk],
+            max_prompt, max_response,
+        )  # fmt: skip
         out.append(score_last_token(model, tb))
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -258,32 +276,43 @@ def score_texts(
 class RMStage:
     """Train the reward model on K-way rankings of SFT samples."""
 
-    name = "rm"
-    reads = ("task", "rm", "trainer")
-    cacheable = True
+    sections = {"rm": RMSection}
 
-    def describe(self, recipe: Any) -> dict[str, Any]:
+    def inputs(self, recipe: Recipe) -> dict[str, object]:
+        return {"rm.model": recipe.section("rm").model}
+
+    def cache_key(self, recipe: Recipe) -> dict[str, object]:
+        blocks = cache_blocks(recipe, "task", "rm", "trainer")
+        blocks["max_prompt_tokens"] = recipe.section("rollout").max_prompt_tokens
+        return blocks
+
+    def skip(self, recipe: Recipe) -> tuple[str, str] | None:
+        return None
+
+    def check(self, recipe: Recipe) -> None:
+        """Nothing beyond the section's own checks."""
+
+    def describe(self, recipe: Recipe) -> dict[str, object]:
         cfg = recipe.section("rm")
         return {
             "epochs": cfg.epochs,
-            "prompts_per_step": cfg.batch_size,
+            "prompts_per_step": cfg.batch_size * devices(recipe),
             "lr": cfg.lr,
             "sample_temperature": cfg.sample_temperature,
         }
 
-    def run(self, ctx: StageContext) -> dict[str, Any]:
+    def run(self, ctx: StageContext) -> dict[str, object]:
         recipe = ctx.recipe
         cfg = recipe.section("rm")
         seed_everything(cfg.seed)
         src = ctx.resolve(cfg.model, "rm.model")
         tokenizer = load_tokenizer(src, "rm.model")
         task = ctx.build_task()
-        max_prompt = 128
+        max_prompt = recipe.section("rollout").max_prompt_tokens
         # 1. The labeler ranks K samples of the SFT policy per prompt.
         policy = ctx.build_policy(src)
         sample = make_sampler(
             policy,
-            tokenizer,
             temperature=cfg.sample_temperature,
             max_new_tokens=cfg.max_new_tokens,
             max_prompt=max_prompt,
@@ -297,9 +326,7 @@ class RMStage:
         random.Random(cfg.seed).shuffle(train)
         # 2. Train the scalar head model (initialised from SFT).
         model = load_scalar_head_model(src, "rm.model", tokenizer=tokenizer)
-        devices = recipe.cfg.trainer.get("devices", 1)
-        devices = devices if isinstance(devices, int) and devices > 0 else 1
-        steps = max(1, len(train) // (cfg.batch_size * devices)) * cfg.epochs
+        steps = max(1, len(train) // (cfg.batch_size * devices(recipe))) * cfg.epochs
         module = RewardModelModule(
             model,
             lr=cfg.lr,
@@ -320,15 +347,7 @@ class RMStage:
         fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         # 3. Held-out accuracy and the demonstrations' mean score (demo_bias reads it in RL).
         metrics = evaluate_rankings(model, tokenizer, held_out, task, max_prompt, max_response)
-        demos = list(task.demonstrations())
-        demo_scores = score_texts(
-            model,
-            tokenizer,
-            [d.prompt.text for d in demos],
-            [Completion(d.response, True) for d in demos],
-            max_prompt,
-            max_response,
-        )
+        demo_scores = score_demos(model, tokenizer, task, max_prompt, max_response)
         stats = {
             "demo_mean": float(demo_scores.mean()),
             "demo_std": float(demo_scores.std()) if len(demo_scores) > 1 else 0.0,
@@ -350,3 +369,8 @@ class RMStage:
         trainer.strategy.barrier()
         write_json(ctx.stage_dir / "summary.json", summary)
         return summary
+
+
+@hookimpl
+def register_stages(register: Callable[..., None]) -> None:
+    register("rm", RMStage())

@@ -13,9 +13,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from instructrl.core import sweep
 from instructrl.core.cli import main
-from instructrl.core.report import mean_interval, paired_difference, t_quantile
+from instructrl.plugins.commands import sweep
+from instructrl.plugins.commands.report import mean_interval, paired_difference, t_quantile
 
 FAST = ["rl.iterations=1", "eval.every=0", "eval.n_prompts=8", "eval.greedy=false"]
 
@@ -58,7 +58,7 @@ def test_axis_values_are_typed_as_yaml_types_them():
         [1, "x"],
         {"name": "clip", "low": -1},
     ):
-        from instructrl.core.report import typed_value
+        from instructrl.plugins.commands.report import typed_value
 
         text = sweep.format_value(value)
         assert typed_value(text) == value or (value == "@sft" and json.loads(text) == value), (value, text)

@@ -12,17 +12,19 @@ regularized incomplete beta function evaluated with its continued fraction.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .errors import UserInputError, did_you_mean, one_of
+from instructrl.core.errors import UserInputError, did_you_mean, one_of
+from instructrl.core.hookspecs import hookimpl
 
 DEFAULT_METRICS = (
     "eval/win_rate_vs_sft",
@@ -656,10 +658,6 @@ def write_plots(
     data: SweepData, curves: Sequence[str], baseline: str | None = None
 ) -> tuple[list[str], str | None]:
     """Write ``plots/*.png``; return their paths relative to the sweep dir and a note (or None)."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return [], "Plots skipped: matplotlib is not installed (`pip install instructrl[plots]`)."
     out_dir = data.dir / "plots"
     out_dir.mkdir(exist_ok=True)
     for old in [*out_dir.glob("curve_*.png"), out_dir / "frontier.png"]:
@@ -732,27 +730,41 @@ def summary_lines(result: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def cmd_report(args: Any) -> int:
+def cmd_report(args: argparse.Namespace) -> int:
     """``instructrl report SWEEP_DIR``: (re)write the report; print its table."""
     result = write_report(args.sweep_dir, args.metric or None, args.baseline, args.curve or None)
     print("\n".join(summary_lines(result)))
     return 0
 
 
-def add_command(subparsers: Any) -> None:
-    """Register ``instructrl report`` on the launcher's sub-command parsers."""
-    import argparse
+class ReportCommand:
+    """``instructrl report``: (re)write ``report.md`` / ``report.csv`` / ``plots/`` of a sweep dir."""
 
-    p = subparsers.add_parser("report", help="write report.md / report.csv / plots for a sweep dir")
-    p.add_argument("sweep_dir")
-    p.add_argument(
-        "--metric",
-        action="append",
-        help=f"summary metric to report (repeatable; default: {', '.join(DEFAULT_METRICS)})",
-    )
-    p.add_argument("--baseline", help="baseline arm: its name or KEY=V[,KEY=V] (default: the sweep's)")
-    p.add_argument(
-        "--curve", action="append", help="RL metrics.csv column to plot per iteration (repeatable)"
-    )
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    p.set_defaults(handler=cmd_report)
+    # --baseline takes KEY=V[,KEY=V] text: not a recipe override
+    key_value_options: tuple[str, ...] = ("--baseline",)
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """The ``instructrl report`` arguments."""
+        parser.add_argument("sweep_dir")
+        parser.add_argument(
+            "--metric",
+            action="append",
+            help=f"summary metric to report (repeatable; default: {', '.join(DEFAULT_METRICS)})",
+        )
+        parser.add_argument(
+            "--baseline", help="baseline arm: its name or KEY=V[,KEY=V] (default: the sweep's)"
+        )
+        parser.add_argument(
+            "--curve", action="append", help="RL metrics.csv column to plot per iteration (repeatable)"
+        )
+        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    def run(self, args: argparse.Namespace) -> int:
+        """Write the report; exit code 0."""
+        return cmd_report(args)
+
+
+@hookimpl
+def register_commands(register: Callable[..., None]) -> None:
+    """``instructrl report``."""
+    register("report", ReportCommand(), description="write report.md / report.csv / plots for a sweep dir")

@@ -21,7 +21,7 @@ How a sweep goes:
 4. **Record.** ``SWEEP/sweep.json`` holds the arms, seeds and the status (and error line) of every
    run, rewritten after every event. Re-running the same command skips completed runs, resumes
    unfinished ones and leaves failed ones alone unless ``--retry-failed``.
-5. **Report.** :func:`instructrl.core.report.write_report` writes ``report.md``, ``report.csv``
+5. **Report.** :func:`instructrl.plugins.commands.report.write_report` writes ``report.md``, ``report.csv``
    and ``plots/``. Exit code 0 when every run completed, 1 when any failed, 130 when interrupted.
 """
 
@@ -46,9 +46,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import report
-from .errors import ConfigError, UserInputError, did_you_mean, one_of
-from .stages.common import write_json
+from instructrl.core.errors import ConfigError, UserInputError, did_you_mean, one_of
+from instructrl.core.hookspecs import hookimpl
+from instructrl.core.io import write_json
+from instructrl.plugins.commands import report
 
 SWEEP_FILE = report.SWEEP_FILE
 # Options whose value is itself ``key=value`` text: the launcher must not take it for an override.
@@ -210,9 +211,8 @@ def read_sweep_file(path: str | os.PathLike[str]) -> SweepSpec:
     """A sweep file: a recipe (``extends:`` the base, other top-level keys fixed settings) with a
     ``sweep:`` block of ``grid``, ``zip``, ``seeds``, ``baseline``, ``metrics``, ``curves``,
     ``smoke``."""
+    from instructrl.core.config import load_yaml
     from omegaconf import OmegaConf
-
-    from .config import load_yaml
 
     p = Path(path).resolve()
     data = OmegaConf.to_container(load_yaml(p), resolve=False)
@@ -250,7 +250,7 @@ def read_sweep_file(path: str | os.PathLike[str]) -> SweepSpec:
 
 def _recipe_ref(recipe: str, relative_to: Path | None = None) -> str:
     """A bundled recipe's name as is, a recipe file as an absolute path (runs may start elsewhere)."""
-    from .config import bundled_recipes, recipe_path
+    from instructrl.core.config import bundled_recipes, recipe_path
 
     path = recipe_path(recipe, relative_to=relative_to)  # a one-line error for an unknown recipe
     return recipe if bundled_recipes().get(recipe) == path else str(path)
@@ -445,7 +445,7 @@ def plan_sweep(spec: SweepSpec, out: str | os.PathLike[str] | None = None, comma
     if seeds is not None and "seed" in fixed_keys:
         raise SweepError("seed: set both as an override and with --seeds; keep one")
     if seeds is None:
-        from .config import compose
+        from instructrl.core.config import compose
 
         seeds = [int(compose(spec.recipe, spec.overrides, smoke=spec.smoke).seed)]
     arms = make_arms(spec.grid, spec.zipped)
@@ -466,7 +466,7 @@ def plan_sweep(spec: SweepSpec, out: str | os.PathLike[str] | None = None, comma
 def validate_plan(plan: Plan) -> None:
     """Resolve and validate every arm × seed; the first bad one is a :class:`SweepError` naming the
     arm (and seed) and, through the recipe error, the key."""
-    from .api import dry_run
+    from instructrl.core.api import dry_run
 
     for run in plan.runs:
         try:
@@ -514,7 +514,7 @@ _LIVE_LOCK = threading.Lock()
 
 def run_command(task: RunTask) -> list[str]:
     """The ``instructrl run`` command line of a task."""
-    from .runner import python_command
+    from instructrl.core.runner import python_command
 
     cmd = [*python_command(), "run", task.recipe, *task.overrides, "--run-dir", task.run_dir, "--debug"]
     if task.smoke:
@@ -1081,40 +1081,64 @@ def _command_line(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-def add_commands(subparsers: Any) -> None:
-    """Register ``instructrl sweep`` and ``instructrl report`` on the launcher."""
-    p = subparsers.add_parser(
-        "sweep", help="run a grid of overrides × seeds in parallel, resumable, then report"
+class SweepCommand:
+    """``instructrl sweep``: plan, validate every run, run them in parallel (resumable), report."""
+
+    key_value_options: tuple[str, ...] = KEY_VALUE_OPTIONS
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """The ``instructrl sweep`` arguments."""
+        parser.add_argument(
+            "recipe", help="a recipe (bundled name or path) or a sweep file (YAML with a `sweep:` block)"
+        )
+        parser.add_argument("overrides", nargs="*", metavar="key=value", help="fixed overrides for every run")
+        parser.add_argument(
+            "--grid",
+            action="append",
+            metavar="KEY=V1,V2",
+            help="a swept key and its values (repeatable: product)",
+        )
+        parser.add_argument(
+            "--zip", action="append", metavar="KEY=V1,V2", help="keys varied together, element by element"
+        )
+        parser.add_argument("--seeds", help="N (seeds 0..N-1) or a list 0,1,2 (default: the recipe's seed)")
+        parser.add_argument("--workers", type=int, help="runs at a time (default: min(runs, CPU cores))")
+        parser.add_argument(
+            "--baseline",
+            metavar="KEY=V,...",
+            help="the arm differences are reported against (default: the first)",
+        )
+        parser.add_argument(
+            "--metric", action="append", metavar="NAME", help="summary metric to report (repeatable)"
+        )
+        parser.add_argument(
+            "--out", help="sweep directory (default: sweeps/<recipe>-<hash>, stable for resume)"
+        )
+        parser.add_argument("--smoke", action="store_true", help="tiny sizes for every run")
+        parser.add_argument(
+            "--retry-failed", action="store_true", help="run failed runs again (from scratch)"
+        )
+        parser.add_argument(
+            "--executor", choices=["local", "ray"], default="local", help="where runs execute"
+        )
+        parser.add_argument(
+            "--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"
+        )
+        parser.add_argument(
+            "--dry-run", action="store_true", help="validate every run and print the plan; write nothing"
+        )
+        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    def run(self, args: argparse.Namespace) -> int:
+        """Run the sweep; exit code 0 (all completed), 1 (any failed) or 130 (interrupted)."""
+        return cmd_sweep(args)
+
+
+@hookimpl
+def register_commands(register: Callable[..., None]) -> None:
+    """``instructrl sweep``."""
+    register(
+        "sweep",
+        SweepCommand(),
+        description="run a grid of overrides × seeds in parallel, resumable, then report",
     )
-    p.add_argument(
-        "recipe", help="a recipe (bundled name or path) or a sweep file (YAML with a `sweep:` block)"
-    )
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="fixed overrides for every run")
-    p.add_argument(
-        "--grid",
-        action="append",
-        metavar="KEY=V1,V2",
-        help="a swept key and its values (repeatable: product)",
-    )
-    p.add_argument(
-        "--zip", action="append", metavar="KEY=V1,V2", help="keys varied together, element by element"
-    )
-    p.add_argument("--seeds", help="N (seeds 0..N-1) or a list 0,1,2 (default: the recipe's seed)")
-    p.add_argument("--workers", type=int, help="runs at a time (default: min(runs, CPU cores))")
-    p.add_argument(
-        "--baseline",
-        metavar="KEY=V,...",
-        help="the arm differences are reported against (default: the first)",
-    )
-    p.add_argument("--metric", action="append", metavar="NAME", help="summary metric to report (repeatable)")
-    p.add_argument("--out", help="sweep directory (default: sweeps/<recipe>-<hash>, stable for resume)")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes for every run")
-    p.add_argument("--retry-failed", action="store_true", help="run failed runs again (from scratch)")
-    p.add_argument("--executor", choices=["local", "ray"], default="local", help="where runs execute")
-    p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument(
-        "--dry-run", action="store_true", help="validate every run and print the plan; write nothing"
-    )
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    p.set_defaults(handler=cmd_sweep)
-    report.add_command(subparsers)

@@ -1,2 +1,0 @@
-"""The pipeline stages (LightningModules driven by ``lightning.Trainer``): pretrain → sft → rm →
-rl → eval."""

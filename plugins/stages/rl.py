@@ -1,0 +1,431 @@
+"""The **rl** stage: PPO (and its alternatives) against a reward model, as one LightningModule with
+manual optimisation. The iteration itself is in ``rl_step.py``; here are its recipe sections, the
+building of the components, and the Lightning glue.
+
+One Lightning *epoch* is one RL iteration: ``on_train_epoch_start`` runs steps 1–5
+(:func:`~.rl_step.experience`), each ``training_step`` runs step 6 on one micro-batch
+(:func:`~.rl_step.micro_batch_loss`; the last micro-batch of a minibatch steps the optimisers) and
+``on_train_epoch_end`` step 7 (log; update the KL controller; periodic evaluation). Each
+``training_step`` is one forward and one backward through Lightning's strategy wrapper, so DDP (and
+FSDP2) synchronise gradients the way they expect; every whitening statistic is global across
+processes (``core.ops``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import torch
+from instructrl.core.config import Recipe
+from instructrl.core.errors import ConfigError, RunFailure
+from instructrl.core.fields import param, positive, to_plain
+from instructrl.core.hookspecs import hookimpl
+from instructrl.core.io import is_global_zero, write_json
+from instructrl.core.ops import all_reduce_sum, global_mean
+from instructrl.core.protocols import Policy, RewardModel, Stateful, Task
+from instructrl.core.training import (
+    StageContext,
+    Timer,
+    devices,
+    fit,
+    make_trainer,
+    sample_completions,
+    score_completions,
+    seed_everything,
+)
+from instructrl.core.types import Completion, ControllerInput
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from . import rl_step
+from .evaluate import SUMMARY_NAMES, Judges, eval_batch
+from .rl_step import Experience, MicroStep, RLComponents, Settings
+
+
+@dataclass
+class RolloutSection:
+    """``rollout``: how responses are sampled in RL."""
+
+    prompts_per_iteration: int = param(64, "Prompts sampled per PPO iteration (per process).")
+    samples_per_prompt: int | None = param(
+        None, "Responses per prompt; null = the advantage estimator's default (gae 1, group estimators 4)."
+    )
+    temperature: float = param(1.0, "Sampling temperature; logprobs are computed at the same temperature.")
+    max_new_tokens: int = param(32, "Response token budget; a response without EOS is truncated.")
+    max_prompt_tokens: int = param(
+        128, "Prompts longer than this keep their last tokens (RL, reward-model rankings, evaluation)."
+    )
+
+    def __post_init__(self) -> None:
+        positive(self, "prompts_per_iteration", "temperature", "max_new_tokens", "max_prompt_tokens")
+        if self.samples_per_prompt is not None and self.samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be >= 1 or null (got {self.samples_per_prompt})")
+
+
+@dataclass
+class RLSection:
+    """``rl``: the optimisation loop of the RL stage."""
+
+    iterations: int = param(150, "PPO iterations (rollout → optimise).")
+    epochs: int = param(4, "Optimisation epochs over each iteration's rollouts (lm-human-preferences: 4).")
+    minibatches: int = param(4, "Minibatches per epoch; each is one optimiser step.")
+    micro_batch_size: int | None = param(
+        None,
+        "Split each minibatch into micro-batches of this many sequences (gradient accumulation); null = no split.",
+    )
+    lr: float = param(1e-4, "Policy learning rate (AdamW, constant after warmup).")
+    warmup_iterations: int = param(0, "Linear learning-rate warmup, in iterations.")
+    weight_decay: float = param(0.0, "AdamW weight decay (policy and value).")
+    grad_clip: float | None = param(
+        1.0, "Max gradient norm (policy and value separately); null = no clipping."
+    )
+    entropy_coef: float = param(0.0, "Entropy bonus coefficient (subtracted from the policy loss).")
+    checkpoint_every: int = param(25, "Save a checkpoint every N iterations (and at the end).")
+    check_ratio: bool = param(
+        True, "Assert ratio == 1 and approx-KL == 0 on the first minibatch of every iteration."
+    )
+
+    def __post_init__(self) -> None:
+        positive(self, "iterations", "epochs", "minibatches", "lr", "checkpoint_every")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1 or null (got {self.micro_batch_size})")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0 or null (got {self.grad_clip})")
+        if self.entropy_coef < 0:
+            raise ValueError(f"entropy_coef must be >= 0 (got {self.entropy_coef})")
+
+
+def settings(recipe: Recipe) -> Settings:
+    """The flat settings the iteration reads."""
+    ro, rl, value = recipe.section("rollout"), recipe.section("rl"), recipe.section("value")
+    d = recipe.derived
+    return Settings(
+        samples_per_prompt=d.samples_per_prompt, temperature=ro.temperature, max_new_tokens=ro.max_new_tokens,
+        max_prompt_tokens=ro.max_prompt_tokens, kl_in_reward=recipe.section("kl").placement == "reward",
+        needs_logits=d.needs_logits, greedy_baseline=d.greedy_baseline, iterations=rl.iterations,
+        epochs=rl.epochs, minibatches=rl.minibatches, micro_batch_size=rl.micro_batch_size,
+        entropy_coef=rl.entropy_coef, value_coef=value.coef, value_clip=value.clip,
+        check_ratio=rl.check_ratio, seed=recipe.seed,
+    )  # fmt: skip
+
+
+def build_components(ctx: StageContext) -> tuple[RLComponents, list[tuple[str, Stateful]]]:
+    """Build every RL component through the registry, in dependency order; and the stateful ones
+    (KL controller, and each component declaring ``Needs(stateful=True)``) by checkpoint key."""
+    recipe = ctx.recipe
+    s = settings(recipe)
+    task = ctx.build("task")
+    policy = ctx.build("policy")
+    tok = policy.tokenizer
+    reference = policy.reference()
+    value = ctx.build("value", tokenizer=tok) if recipe.derived.needs_values else None
+    reward = ctx.build("reward", task=task, tokenizer=tok)
+    max_response = s.max_new_tokens + 1
+
+    def score_demonstrations() -> Tensor:
+        demos = list(task.demonstrations())
+        comps = [Completion(d.response, True) for d in demos]
+        prompts = [d.prompt for d in demos]
+        return score_completions(
+            reward, tok, prompts, comps, max_prompt=s.max_prompt_tokens, max_response=max_response
+        )
+
+    def score_reference_samples(n: int) -> Tensor:
+        return reference_sample_scores(task, reference, reward, n, s)
+
+    calib = {"score_demonstrations": score_demonstrations, "score_reference_samples": score_reference_samples}
+    reg = recipe.registry
+    transforms = [
+        (c.name, reg.build(c.kind, c.name, c.config, ctx.build_context(task=task, tokenizer=tok, reward_model=reward, **calib)))
+        for c in recipe.transforms
+    ]  # fmt: skip
+    extra = [
+        (c.name, reg.build(c.kind, c.name, c.config, ctx.build_context(task=task, tokenizer=tok)))
+        for c in recipe.extra_losses
+    ]
+    comps = RLComponents(
+        task, policy, reference, value, reward, transforms, ctx.build("kl.estimator"), ctx.build("kl.controller"),
+        ctx.build("advantage"), ctx.build("objective"), extra,
+    )  # fmt: skip
+    stateful: list[tuple[str, Stateful]] = [("kl_controller", comps.kl_controller)]
+    stateful += [(f"reward_transforms[{i}]", t) for i, ((_, t), c) in enumerate(zip(transforms, recipe.transforms)) if reg.needs(c.kind, c.name).stateful]  # fmt: skip
+    stateful += [
+        (name, e) for (name, e), c in zip(extra, recipe.extra_losses) if reg.needs(c.kind, c.name).stateful
+    ]
+    return comps, stateful
+
+
+@torch.no_grad()
+def reference_sample_scores(
+    task: Task, reference: Policy, reward: RewardModel, n: int, s: Settings
+) -> Tensor:
+    """``(n,)`` reward-model scores of reference-policy samples on RL prompts (for ``gain_bias``)."""
+    prompts = list(task.prompts("rl"))
+    rng = random.Random(s.seed + 7919)
+    chosen = [prompts[rng.randrange(len(prompts))] for _ in range(n)]
+    torch.manual_seed(s.seed + 7919)
+    comps = sample_completions(
+        reference, chosen, max_prompt=s.max_prompt_tokens, max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature, batch_size=128,
+    )  # fmt: skip
+    return score_completions(
+        reward,
+        reference.tokenizer,
+        chosen,
+        comps,
+        max_prompt=s.max_prompt_tokens,
+        max_response=s.max_new_tokens + 1,
+    )
+
+
+class RLModule(pl.LightningModule):
+    """PPO-style RL with swappable components; see the module docstring for the loop layout."""
+
+    def __init__(self, recipe: Recipe, comps: RLComponents, stateful: list[tuple[str, Stateful]]) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.comps, self.stateful, self.s = comps, stateful, settings(recipe)
+        self.rl, self.value_cfg, self.eval_cfg = (
+            recipe.section("rl"),
+            recipe.section("value"),
+            recipe.section("eval"),
+        )
+        self.prompts_per_iteration = recipe.section("rollout").prompts_per_iteration
+        self.episodes = self.prompts_per_iteration * self.s.samples_per_prompt
+        # Trained modules are registered (optimised, checkpointed, wrapped by the strategy);
+        # the reference and the reward model stay outside the module tree (frozen, not saved).
+        self.policy_net = comps.policy.model
+        self.value_net = comps.value.model if comps.value is not None else None
+        self.rl_prompts = list(comps.task.prompts("rl"))
+        self.eval_prompts = list(comps.task.prompts("eval"))
+        if not self.rl_prompts:
+            raise ConfigError("task: no RL prompts (task.prompts('rl') is empty)")
+        self.timer = Timer()
+        self.exp: Experience | None = None
+        self.plan: list[MicroStep] = []
+
+    # ------------------------------------------------------------------ Lightning glue
+    def configure_optimizers(
+        self,
+    ) -> tuple[list[torch.optim.Optimizer], list[torch.optim.lr_scheduler.LRScheduler]]:
+        nets = [(self.policy_net, self.rl.lr)] + (
+            [(self.value_net, self.value_cfg.lr)] if self.value_net else []
+        )
+        opts = [
+            torch.optim.AdamW(n.parameters(), lr=lr, weight_decay=self.rl.weight_decay, eps=1e-5)
+            for n, lr in nets
+        ]
+        warm = self.rl.warmup_iterations * self.rl.epochs * self.rl.minibatches
+        lam = (lambda step: min(1.0, (step + 1) / warm)) if warm else (lambda step: 1.0)
+        return opts, [torch.optim.lr_scheduler.LambdaLR(o, lam) for o in opts]
+
+    def train_dataloader(self) -> DataLoader:
+        n = self.rl.epochs * len(rl_step.update_plan(self.episodes, self.s, 0)) // self.rl.epochs
+        return DataLoader(range(n), batch_size=None, shuffle=False)
+
+    def on_fit_start(self) -> None:
+        # Dropout is off in every trained model (InstructGPT PPO), so train mode changes nothing
+        # numerically; it keeps the modules in the mode Lightning expects.
+        self.policy_net.train()
+        if self.value_net is not None:
+            self.value_net.train()
+
+    @property
+    def precision_name(self) -> str:
+        return "bf16" if "16" in str(self.trainer.precision) else "fp32"
+
+    def on_train_epoch_start(self) -> None:
+        it, world, rank = self.current_epoch, self.trainer.world_size, self.trainer.global_rank
+        prompts = rl_step.iteration_prompts(
+            self.rl_prompts, self.prompts_per_iteration, it, self.s.seed, world, rank
+        )
+        with self.trainer.precision_plugin.forward_context():
+            self.exp = rl_step.experience(self.comps, self.s, prompts, it, rank, self.timer)
+        self.plan = rl_step.update_plan(self.episodes, self.s, it)
+
+    def training_step(self, index: int, batch_idx: int) -> None:
+        assert self.exp is not None
+        step = self.plan[int(index)]
+        with self.timer("train"):
+            loss = rl_step.micro_batch_loss(self.comps, self.s, self.exp, step, self.current_epoch, self.global_step, self.precision_name)  # fmt: skip
+            self.manual_backward(loss)
+            if step.last:
+                self.step_optimizers()
+
+    def step_optimizers(self) -> None:
+        opts = self.optimizers()
+        scheds = self.lr_schedulers()
+        for opt in opts if isinstance(opts, list) else [opts]:
+            if self.rl.grad_clip is not None:
+                self.clip_gradients(opt, gradient_clip_val=self.rl.grad_clip, gradient_clip_algorithm="norm")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for sched in scheds if isinstance(scheds, list) else [scheds]:
+            sched.step()
+
+    def on_train_epoch_end(self) -> None:
+        assert self.exp is not None
+        self.log_dict(self.iteration_metrics(self.exp), on_step=False, on_epoch=True, sync_dist=False)
+        self.exp = None
+
+    # ------------------------------------------------------------------ step 7
+    def iteration_metrics(self, exp: Experience) -> dict[str, float]:
+        """Everything the iteration logs; the KL controller observes the KL that was used."""
+        it = self.current_epoch
+        m = dict(exp.metrics)
+        m.update({k: global_mean(torch.stack(v)) for k, v in exp.stats.items()})
+        n_episodes = self.episodes * self.trainer.world_size
+        self.comps.kl_controller.update(
+            ControllerInput(
+                kl=exp.kl, mean_kl=m["kl/value"], scores=exp.scores, n_episodes=n_episodes,
+                iteration=it, iterations=self.rl.iterations,
+            )
+        )  # fmt: skip
+        m["kl/coef_next"] = float(self.comps.kl_controller.coef)
+        every = self.eval_cfg.every
+        if every and ((it + 1) % every == 0 or it + 1 == self.rl.iterations):
+            with self.timer("eval"):
+                m.update(self.periodic_eval())
+        m.update({f"time/{phase}_s": secs for phase, secs in self.timer.pop().items()})
+        m["iteration"] = it
+        m["episodes"] = (it + 1) * n_episodes
+        return {k: float(v) for k, v in m.items()}
+
+    @torch.no_grad()
+    def periodic_eval(self) -> dict[str, float]:
+        """The evaluation of the eval stage on ``eval.n_prompts_during`` held-out prompts."""
+        cfg, c, s = self.eval_cfg, self.comps, self.s
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        prompts = self.eval_prompts[: cfg.n_prompts_during][rank::world]
+        totals: dict[str, Tensor] = {}
+        torch.manual_seed(s.seed * 13 + self.current_epoch)
+        for lo in range(0, len(prompts), cfg.batch_size):
+            chunk = prompts[lo : lo + cfg.batch_size]
+            stats, _, _ = eval_batch(
+                c.policy, c.reference, Judges(c.task.gold, c.reward), chunk, temperature=cfg.temperature,
+                max_new_tokens=cfg.max_new_tokens or s.max_new_tokens, greedy=False, max_prompt=s.max_prompt_tokens,
+            )  # fmt: skip
+            for key in SUMMARY_NAMES:
+                if key in stats:
+                    add = torch.stack([stats[key].sum(), torch.tensor(float(len(chunk)))])
+                    totals[key] = totals.get(key, torch.zeros(2)) + add
+        self.policy_net.train()
+        sums = {k: all_reduce_sum(v) for k, v in totals.items()}
+        return {SUMMARY_NAMES[k]: float(v[0] / v[1].clamp_min(1)) for k, v in sums.items()}
+
+    # ------------------------------------------------------------------ checkpoint state
+    def on_save_checkpoint(self, checkpoint: dict[str, object]) -> None:
+        checkpoint["instructrl"] = {key: comp.state_dict() for key, comp in self.stateful}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, object]) -> None:
+        state = checkpoint.get("instructrl", {})
+        assert isinstance(state, dict)
+        for key, comp in self.stateful:
+            if key in state:
+                comp.load_state_dict(state[key])
+
+
+class RLStage:
+    """PPO / PPO-ptx (and the registered alternatives) against the reward model."""
+
+    sections = {"rollout": RolloutSection, "rl": RLSection}
+
+    def inputs(self, recipe: Recipe) -> dict[str, object]:
+        cfg = recipe.plain()
+        keys = ["policy", "reward"] + (["value"] if recipe.derived.needs_values else [])
+        return {k: cfg[k] for k in keys} | {c.name: cfg[c.name] for c in recipe.extra_losses}
+
+    def cache_key(self, recipe: Recipe) -> None:
+        return None
+
+    def skip(self, recipe: Recipe) -> tuple[str, str] | None:
+        return None
+
+    def check(self, recipe: Recipe) -> None:
+        rl = recipe.section("rl")
+        per_iter = recipe.section("rollout").prompts_per_iteration * recipe.derived.samples_per_prompt
+        if per_iter % rl.minibatches:
+            raise ConfigError(
+                f"rl.minibatches: must divide the episodes per iteration (prompts_per_iteration × samples_per_prompt = "
+                f"{per_iter}; got minibatches={rl.minibatches})"
+            )
+        mb = per_iter // rl.minibatches
+        if rl.micro_batch_size is not None and mb % rl.micro_batch_size:
+            raise ConfigError(
+                f"rl.micro_batch_size: must divide the minibatch size {mb} (got {rl.micro_batch_size})"
+            )
+
+    def describe(self, recipe: Recipe) -> dict[str, object]:
+        ro, rl, d = recipe.section("rollout"), recipe.section("rl"), recipe.derived
+        n, k = devices(recipe), d.samples_per_prompt
+        per_iter = ro.prompts_per_iteration * k
+        adv = recipe.choice("advantage").name
+        return {
+            "processes": n,
+            "samples_per_prompt": k,
+            "episodes_per_iteration": f"{ro.prompts_per_iteration} prompts × {k} samples × {n} processes = {per_iter * n}",
+            "minibatch": f"{per_iter} / {rl.minibatches} = {per_iter // rl.minibatches} sequences per process",
+            "micro_batch": rl.micro_batch_size or per_iter // rl.minibatches,
+            "optimizer_steps_per_iteration": rl.epochs * rl.minibatches,
+            "total_episodes": rl.iterations * per_iter * n,
+            "total_optimizer_steps": rl.iterations * rl.epochs * rl.minibatches,
+            "value_model": "yes (value block used)" if d.needs_values else f"none: '{adv}' is critic-free, the value block is ignored",
+            "greedy_baseline": d.greedy_baseline,
+            "kl": f"{recipe.choice('kl.estimator').name} in the {recipe.section('kl').placement}, controller {recipe.choice('kl.controller').name}"
+            + (" (full logits)" if d.needs_logits else ""),
+            "extra_losses": ", ".join(f"{c.name} ({to_plain(c.config)})" for c in recipe.extra_losses) or "none",
+            "checkpointed_state": ", ".join(f"{kind} '{name}'" for kind, name, _ in d.stateful) or "kl controller only",
+        }  # fmt: skip
+
+    def run(self, ctx: StageContext) -> dict[str, object]:
+        recipe = ctx.recipe
+        rl = recipe.section("rl")
+        seed_everything(recipe.seed)
+        comps, stateful = build_components(ctx)
+        module = RLModule(recipe, comps, stateful)
+        ckpt_dir = ctx.stage_dir / "checkpoints"
+        checkpoint = ModelCheckpoint(
+            dirpath=str(ckpt_dir), filename="iter-{epoch}", every_n_epochs=rl.checkpoint_every,
+            save_top_k=1, save_last=True, monitor=None,
+        )  # fmt: skip
+        trainer = make_trainer(
+            ctx,
+            callbacks=[checkpoint],
+            max_epochs=rl.iterations,
+            use_distributed_sampler=False,
+            enable_checkpointing=True,
+        )
+        ckpt_path = str(ckpt_dir / "last.ckpt") if ctx.resume and (ckpt_dir / "last.ckpt").exists() else None
+        fit(trainer, module, ckpt_path=ckpt_path)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if is_global_zero():
+            comps.policy.save(str(ctx.model_dir))
+        trainer.strategy.barrier()
+        keep = (
+            "reward/",
+            "kl/",
+            "policy/",
+            "value/",
+            "response/",
+            "advantage/",
+            *(f"{n}/" for n, _ in comps.extra_losses),
+        )
+        summary: dict[str, object] = {
+            f"rl/{k}" if not k.startswith("eval/") else k: v for k, v in metrics.items() if k.startswith(keep)
+        }
+        summary["rl/iterations"] = rl.iterations
+        summary["rl/episodes"] = int(metrics.get("episodes", 0))
+        if math.isnan(float(metrics.get("reward/raw", 0.0))):
+            raise RunFailure("rl: the reward became NaN")
+        write_json(ctx.stage_dir / "summary.json", summary)
+        return summary
+
+
+@hookimpl
+def register_stages(register: Callable[..., None]) -> None:
+    register("rl", RLStage())
