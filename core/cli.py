@@ -294,6 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return EXIT_BAD_INPUT
+        if args.command != "plugins":  # `instructrl plugins` lists broken plugins; the rest stop
+            from .registry import get_registry
+
+            get_registry()
         if args.command == "run":
             return cmd_run(args, argv)
         if args.command == "plugins":

@@ -311,14 +311,14 @@ class Registry:
         self._specs[spec.kind][spec.name] = spec
 
     def _check(self, obj: object, spec: ComponentSpec) -> None:
-        problem = protocol_problem(obj, KINDS[spec.kind].protocol)
-        if problem is None and spec.needs.stateful:
-            problem = protocol_problem(obj, protocols.Stateful)
-        if problem is not None:
-            raise PluginError(
-                f"{spec.kind} '{spec.name}' (plugin {spec.plugin}, package '{spec.package}') does not "
-                f"implement {KINDS[spec.kind].protocol.__name__}: {problem}"
-            )
+        wanted = [KINDS[spec.kind].protocol] + ([protocols.Stateful] if spec.needs.stateful else [])
+        for proto in wanted:
+            problem = protocol_problem(obj, proto)
+            if problem is not None:
+                raise PluginError(
+                    f"{spec.kind} '{spec.name}' (plugin {spec.plugin}, package '{spec.package}') does not "
+                    f"implement {proto.__name__}: {problem}"
+                )
 
     def _check_top_level_keys(self) -> None:
         """Stage sections and extra-loss blocks are top-level recipe keys: each has one owner."""

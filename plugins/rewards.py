@@ -8,6 +8,7 @@ import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from instructrl.core.errors import ConfigError, RunFailure
@@ -151,7 +152,7 @@ def make_callable(config: CallableConfig, ctx: BuildContext) -> CallableReward:
 
 @dataclass
 class EnsembleConfig:
-    members: list[dict[str, object]] = param(
+    members: list[Any] = param(
         factory=list, help="Reward-model blocks, e.g. [{name: learned, model: '@rm'}, {name: gold}]."
     )
     weights: list[float] | None = param(None, "Weights of the members (normalised); null = equal.")

@@ -70,6 +70,12 @@ def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip
     return 0.5 * loss
 
 
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """``1 − Var[G − V] / Var[G]`` over masked tokens (global across processes)."""
+    var_g = masked_var(returns, mask, global_=True).clamp_min(1e-8)
+    return 1 - masked_var(returns - values, mask, global_=True) / var_g
+
+
 @dataclass
 class RLComponents:
     """Every component the RL stage builds from the recipe, typed by its protocol."""

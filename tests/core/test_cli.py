@@ -72,9 +72,11 @@ def test_plugins_json_lists_every_kind_with_package(capsys):
 
     code, out, _ = run_cli(capsys, "plugins", "--json")
     assert code == 0
-    rows = json.loads(out)
+    listing = json.loads(out)
+    rows = listing["components"]
+    assert listing["broken"] == []
     assert {r["kind"] for r in rows} == set(KINDS)
-    assert all(set(r) == {"kind", "name", "package", "description"} for r in rows)
+    assert all(set(r) == {"kind", "name", "package", "plugin", "description"} for r in rows)
     assert {"kind": "extra_loss", "name": "ptx"}.items() <= next(
         r for r in rows if r["name"] == "ptx"
     ).items()

@@ -87,8 +87,11 @@ def test_override_without_equals_is_rejected():
         ),
         (["advantage.name=gea"], r"^advantage\.name: unknown advantage 'gea'; did you mean 'gae'\?"),
         (["kl.estimator=k9"], r"^kl\.estimator: unknown kl_estimator 'k9'"),
-        (["stages=[rl,sft]"], r"^stages: must follow pipeline order"),
-        (["stages=[eval]"], r"^stages: 'eval' evaluates the RL policy and needs 'rl'"),
+        (["stages=[rl,sft]"], r"^stages: 'rl' reads the output of 'sft', so 'sft' must come first"),
+        (["stages=[eval]"], r"^stages: 'eval' reads '@rl', which is not cached; list 'rl' before 'eval'"),
+        (["stages=[]"], r"^stages: list at least one stage"),
+        (["stages=[rlhf]"], r"^stages: unknown stage 'rlhf'"),
+        (["seed=0.5"], r"^seed: must be an integer \(got 0\.5\)"),
         (["trainer.max_epochs=3"], r"^trainer\.max_epochs: not settable here"),
         (
             ["trainer.devises=2"],
@@ -102,10 +105,13 @@ def test_override_without_equals_is_rejected():
         (["rl.minibatches=3"], r"^rl\.minibatches: must divide the episodes per iteration"),
     ],
 )
-def test_bad_values_are_one_line_errors_naming_the_key(overrides, message):
+def test_bad_values_are_one_line_errors_naming_the_key(overrides, message, tmp_path):
+    from instructrl.core.api import dry_run
+
     with pytest.raises(ConfigError, match=message) as err:
-        load_recipe("ppo", overrides)
+        dry_run("ppo", overrides, run_dir=tmp_path / "run")  # validation and planning, nothing written
     assert "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()
 
 
 def test_keys_of_an_unselected_sibling_are_ignored_not_errors():

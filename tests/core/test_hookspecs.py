@@ -4,6 +4,7 @@ plugins use every hook."""
 from __future__ import annotations
 
 import pytest
+from instructrl.core.errors import PluginError
 from instructrl.core.hookspecs import hookimpl
 from instructrl.core.registry import KINDS, BuildContext, make_registry
 
@@ -19,6 +20,8 @@ HOOK_KIND = {
     "register_reward_transforms": "reward_transform",
     "register_extra_losses": "extra_loss",
     "register_loggers": "logger",
+    "register_stages": "stage",
+    "register_commands": "command",
 }
 
 
@@ -28,18 +31,33 @@ def test_the_table_covers_every_kind():
 
 @pytest.mark.parametrize(("hook", "kind"), list(HOOK_KIND.items()))
 def test_a_plugin_implementing_the_hook_registers_that_kind(hook, kind):
+    built = []
+
     def implementation(register):
         def make_probe(config, ctx):
             """A probe component."""
-            return ("probe", kind, ctx.seed)
+            built.append(ctx.seed)
+            return "not checked here"
 
         register("probe", make_probe)
 
     plugin = type(f"Probe_{hook}", (), {hook: staticmethod(hookimpl(implementation))})()
+    if KINDS[kind].instance:  # stages and commands register an object, checked at registration
+        reg = make_registry([plugin], autoload=False, strict=False)
+        assert "probe" not in reg.names(kind)
+        assert (
+            f"{kind} 'probe'" in reg.broken[0].error and KINDS[kind].protocol.__name__ in reg.broken[0].error
+        )
+        return
     reg = make_registry([plugin], autoload=False)
     spec = reg.get(kind, "probe")
     assert spec.kind == kind and spec.description == "A probe component."
-    assert reg.build(kind, "probe", None, BuildContext(registry=reg, seed=7)) == ("probe", kind, 7)
+    # the factory is called with the context; the product is checked against the kind's protocol
+    with pytest.raises(
+        PluginError, match=rf"{kind} 'probe' .* does not implement {KINDS[kind].protocol.__name__}"
+    ):
+        reg.build(kind, "probe", None, BuildContext(registry=reg, seed=7))
+    assert built == [7]
     for other in KINDS:
         if other != kind:
             assert "probe" not in reg.names(other)

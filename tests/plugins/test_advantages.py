@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from instructrl.core.errors import ConfigError
@@ -114,35 +116,39 @@ def test_components_share_one_signature_and_broadcast_over_tokens(registry):
     rewards, values, mask, _ = random_padded(b=8, seed=2)
     groups = torch.arange(8) // 4
     baseline = torch.randn(8)
-    inp = AdvantageInput(rewards, values, mask, groups, baseline)
+    inp = AdvantageInput(rewards=rewards, values=values, mask=mask, group_ids=groups, baseline=baseline)
+    critic_free = dataclasses.replace(inp, values=None)
     for name in registry.names("advantage"):
         est = build(registry, name)
-        out = est(inp if est.needs_values else inp._replace(values=None))
+        needs_values = registry.needs("advantage", name).values
+        out = est(inp if needs_values else critic_free)
         assert out.advantages.shape == rewards.shape
         assert (out.advantages * (1 - mask)).abs().sum() == 0, name
-        assert (out.returns is not None) == est.needs_values, name
+        assert (out.returns is not None) == needs_values, name
     seq = (rewards * mask).sum(-1)
-    remax = build(registry, "remax")(inp._replace(values=None))
+    remax = build(registry, "remax")(critic_free)
     torch.testing.assert_close(remax.advantages, (seq - baseline).unsqueeze(-1) * mask)
     with pytest.raises(ValueError, match="remax needs AdvantageInput.baseline"):
-        build(registry, "remax")(inp._replace(values=None, baseline=None))
+        build(registry, "remax")(dataclasses.replace(critic_free, baseline=None))
 
 
 def test_reinforce_pp_is_globally_whitened(registry):
     rewards, _, mask, _ = random_padded(b=8, seed=4)
     out = build(registry, "reinforce_pp")(
-        AdvantageInput(rewards, None, mask, torch.arange(8), None)
+        AdvantageInput(rewards=rewards, values=None, mask=mask, group_ids=torch.arange(8))
     ).advantages
     sel = out[mask.bool()]
     assert sel.mean().item() == pytest.approx(0.0, abs=1e-5)
     assert sel.std().item() == pytest.approx(1.0, abs=1e-4)
 
 
-def test_estimator_requirements(registry):
-    req = {n: build(registry, n) for n in registry.names("advantage")}
-    assert req["gae"].needs_values and req["gae"].default_samples_per_prompt == 1
+def test_estimator_requirements_are_declared_not_built(registry):
+    before = registry.builds
+    req = {n: registry.needs("advantage", n) for n in registry.names("advantage")}
+    assert registry.builds == before
+    assert req["gae"].values and req["gae"].default_samples_per_prompt == 1
     assert req["rloo"].min_samples_per_prompt == 2 and req["grpo"].default_samples_per_prompt == 4
-    assert req["remax"].needs_greedy_baseline and not req["reinforce_pp"].needs_values
+    assert req["remax"].greedy_baseline and not req["reinforce_pp"].values
 
 
 def test_gae_config_errors():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from instructrl.core.errors import ConfigError
 from instructrl.core.fields import validate
-from instructrl.core.types import KLInput
+from instructrl.core.types import ControllerInput, KLInput
 from instructrl.plugins.kl import (
     AdaptiveKL,
     AdaptiveKLConfig,
@@ -77,27 +77,33 @@ def test_estimator_components_and_the_full_one_needs_logits(registry):
     from instructrl.core.registry import BuildContext
 
     ctx = BuildContext(registry=registry)
-    inp = KLInput(torch.tensor([[0.0, -1.0]]), torch.tensor([[-1.0, -1.0]]))
+    inp = KLInput(logprobs=torch.tensor([[0.0, -1.0]]), ref_logprobs=torch.tensor([[-1.0, -1.0]]))
     for name, expected in {"k1": [1.0, 0.0], "k2": [0.5, 0.0], "abs": [1.0, 0.0]}.items():
         est = registry.build("kl_estimator", name, None, ctx)
-        assert est.needs_logits is False
+        assert registry.needs("kl_estimator", name).logits is False
         torch.testing.assert_close(est(inp), torch.tensor([expected]))
     full = registry.build("kl_estimator", "full", None, ctx)
-    assert full.needs_logits is True
+    assert registry.needs("kl_estimator", "full").logits is True
     with pytest.raises(ValueError, match="needs the policy and reference logits"):
         full(inp)
+
+
+def observed(kl, n):
+    return ControllerInput(
+        kl=torch.full((4,), kl), mean_kl=kl, scores=torch.zeros(4), n_episodes=n, iteration=0, iterations=1
+    )
 
 
 def test_adaptive_controller_hand_stepped():
     ctl = AdaptiveKL(coef=0.1, target=6.0, horizon=1000)
     # 1) KL 9 → e = clip(9/6 - 1, ±0.2) = 0.2 (upper clip); β = 0.1·(1 + 0.2·100/1000) = 0.102
-    ctl.update(9.0, 100)
+    ctl.update(observed(9.0, 100))
     assert ctl.coef == pytest.approx(0.102)
     # 2) KL 6.6 → e = 0.1; β = 0.102·(1 + 0.1·500/1000) = 0.1071
-    ctl.update(6.6, 500)
+    ctl.update(observed(6.6, 500))
     assert ctl.coef == pytest.approx(0.1071)
     # 3) KL 0 → e = clip(-1, ±0.2) = -0.2 (lower clip); β = 0.1071·(1 - 0.2·1000/1000) = 0.08568
-    ctl.update(0.0, 1000)
+    ctl.update(observed(0.0, 1000))
     assert ctl.coef == pytest.approx(0.08568)
     restored = AdaptiveKL(coef=0.5, target=6.0, horizon=1000)
     restored.load_state_dict(ctl.state_dict())
@@ -107,7 +113,7 @@ def test_adaptive_controller_hand_stepped():
 
 def test_fixed_controller_never_moves():
     ctl = FixedKL(0.02)
-    ctl.update(100.0, 10_000)
+    ctl.update(observed(100.0, 10_000))
     assert ctl.coef == 0.02
 
 

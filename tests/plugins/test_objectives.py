@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -47,7 +48,11 @@ def test_objective_component_masks_and_reports_metrics():
     obj = PPOClip(PPOClipConfig())
     lp = torch.tensor([[0.5, 0.0, 9.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])
-    out = obj(ObjectiveInput(lp, torch.zeros_like(lp), torch.ones_like(lp), mask))
+    out = obj(
+        ObjectiveInput(
+            logprobs=lp, old_logprobs=torch.zeros_like(lp), advantages=torch.ones_like(lp), mask=mask
+        )
+    )
     assert out.loss[0, 2].item() == 0.0
     assert out.metrics["clip_frac"].item() == pytest.approx(0.5)
     # approx-KL = mean over real tokens of (r - 1) - log r: (e^.5 - 1 - .5 + 0) / 2
@@ -59,7 +64,12 @@ def test_objective_component_masks_and_reports_metrics():
 def test_vanilla_pg_gradient_is_minus_advantage_times_score():
     lp = torch.tensor([[-0.3, -1.2]], requires_grad=True)
     out = PolicyGradient(PGConfig())(
-        ObjectiveInput(lp, lp.detach(), torch.tensor([[2.0, -1.0]]), torch.ones(1, 2))
+        ObjectiveInput(
+            logprobs=lp,
+            old_logprobs=lp.detach(),
+            advantages=torch.tensor([[2.0, -1.0]]),
+            mask=torch.ones(1, 2),
+        )
     )
     out.loss.sum().backward()
     torch.testing.assert_close(lp.grad, torch.tensor([[-2.0, 1.0]]))
@@ -76,3 +86,22 @@ def test_vanilla_pg_gradient_is_minus_advantage_times_score():
 def test_config_errors(data, message):
     with pytest.raises(ConfigError, match=message):
         validate(PPOClipConfig, data, "objective")
+
+
+def test_a_field_added_to_the_input_does_not_break_an_old_plugin():
+    """Inputs are extended additively: a plugin written against fewer fields keeps working."""
+
+    class OldStylePG:  # reads only the fields of API v1's first release
+        aggregation = "token_mean"
+
+        def __call__(self, inp):
+            return -inp.advantages * inp.logprobs * inp.mask
+
+    newer = dataclasses.make_dataclass(
+        "ObjectiveInputV2", [("kl_to_init", float, 0.0)], bases=(ObjectiveInput,), frozen=True, kw_only=True
+    )
+    lp, adv, mask = torch.tensor([[-0.5, -1.0]]), torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 0.0]])
+    inp = newer(logprobs=lp, old_logprobs=lp, advantages=adv, mask=mask, kl_to_init=3.0)
+    torch.testing.assert_close(OldStylePG()(inp), torch.tensor([[0.5, 0.0]]))
+    builtin = PPOClip(PPOClipConfig())(inp)  # the built-ins too
+    torch.testing.assert_close(builtin.loss, torch.tensor([[-1.0, 0.0]]))

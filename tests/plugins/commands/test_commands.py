@@ -55,7 +55,7 @@ class CommandsPlugin:
 
 def use_plugin(monkeypatch, **commands):
     """Make the launcher's global registry the built-ins plus a plugin with ``commands``."""
-    reg = make_registry([CommandsPlugin(**commands)], autoload=False)
+    reg = make_registry([CommandsPlugin(**commands)], autoload=False, strict=False)
     monkeypatch.setattr(registry_module, "_REGISTRY", reg)
     return reg
 
@@ -105,20 +105,23 @@ def test_without_the_declaration_the_value_is_taken_for_an_override(monkeypatch,
     assert "--set" in err and "expected one argument" in err, err
 
 
-def test_a_command_named_like_a_builtin_is_rejected(monkeypatch, capsys):
+def test_a_command_named_like_a_launcher_command_is_a_broken_plugin(monkeypatch, capsys):
     reg = use_plugin(monkeypatch, run=Hello())
-    package = reg.get("command", "run").package
-    assert main(["recipes"]) == 2  # any invocation: the launcher cannot be built
+    assert "run" not in reg.names("command")
+    assert main(["recipes"]) == 2  # any other invocation names the broken plugin and the switch
     out, err = capsys.readouterr()
     assert out == ""
     assert len(err.strip().splitlines()) == 1, err
-    assert "command 'run'" in err and f"package '{package}'" in err and "built-in" in err
+    assert "command 'run'" in err and "clashes with the launcher's own sub-command" in err
+    assert "INSTRUCTRL_DISABLE_PLUGINS=" in err
+    assert main(["plugins"]) == 0  # still lists everything, and the broken plugin
+    assert "broken plugins" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["eval", "plugins", "recipes"])
-def test_every_builtin_name_is_reserved(monkeypatch, capsys, name):
+@pytest.mark.parametrize("name", ["plugins", "recipes"])
+def test_every_launcher_name_is_reserved(monkeypatch, capsys, name):
     use_plugin(monkeypatch, **{name: Hello()})
-    assert main([name, "--name", "x"]) == 2
+    assert main(["run", "ppo", "--dry-run"]) == 2
     assert f"command '{name}'" in capsys.readouterr().err
 
 

@@ -129,14 +129,14 @@ def test_broken_temperature_handling_trips_the_ratio_invariant(
 
 def test_eval_reports_kl_zero_for_the_sft_policy_against_itself(smoke_pipeline, tmp_path):
     from instructrl.core.config import load_recipe
-    from instructrl.core.stages.common import StageContext
-    from instructrl.core.stages.evaluate import run_evaluation
+    from instructrl.core.training import StageContext
+    from instructrl.plugins.stages.evaluate import run_evaluation
 
     run_dir, _ = smoke_pipeline
     sft = str((run_dir / "sft" / "model").resolve())
     recipe = load_recipe("ppo", ["reward.name=gold"], smoke=True)
     ctx = StageContext(recipe, "eval", tmp_path, {})
-    summary = run_evaluation(ctx, sft, sft, None)
+    summary = run_evaluation(ctx, sft, sft, None, None)
     assert summary["eval/kl_to_sft"] == pytest.approx(0.0, abs=1e-5)
     assert summary["eval/pretrain_loss"] == pytest.approx(summary["eval/pretrain_loss_sft"], abs=1e-6)
     # identical greedy policies tie on every prompt
@@ -152,31 +152,31 @@ def test_state_is_torch_float32(smoke_pipeline):
 def test_resume_continues_a_killed_run_from_its_checkpoint_and_matches_an_uninterrupted_one(
     smoke_pipeline, run_smoke, tmp_path, monkeypatch
 ):
-    from instructrl.core.stages import rl
+    from instructrl.plugins.stages import rl
 
     overrides = ["seed=5", "rl.iterations=4", "rl.checkpoint_every=2", "eval.every=0"]
     straight = run_smoke(tmp_path / "straight", "ppo", overrides)
 
-    original = rl.RLModule.make_experience
+    original = rl.rl_step.experience
     calls = []
 
-    def dies_at_iteration_3(self, iteration):
+    def dies_at_iteration_3(c, s, prompts, iteration, rank, timer):
         calls.append(iteration)
         if iteration == 3:
             raise RuntimeError("simulated kill")
-        return original(self, iteration)
+        return original(c, s, prompts, iteration, rank, timer)
 
-    monkeypatch.setattr(rl.RLModule, "make_experience", dies_at_iteration_3)
+    monkeypatch.setattr(rl.rl_step, "experience", dies_at_iteration_3)
     with pytest.raises(RunFailure, match="simulated kill"):
         run_smoke(tmp_path / "killed", "ppo", overrides)
     assert calls == [0, 1, 2, 3]
     assert (tmp_path / "killed" / "rl" / "checkpoints" / "last.ckpt").is_file()
 
-    def records(self, iteration):
+    def records(c, s, prompts, iteration, rank, timer):
         calls.append(iteration)
-        return original(self, iteration)
+        return original(c, s, prompts, iteration, rank, timer)
 
-    monkeypatch.setattr(rl.RLModule, "make_experience", records)
+    monkeypatch.setattr(rl.rl_step, "experience", records)
     calls.clear()
     resumed = run_smoke(tmp_path / "killed", "ppo", overrides, resume=True)
     # from the checkpoint after iteration 1 (checkpoint_every=2), not from scratch

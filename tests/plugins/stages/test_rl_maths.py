@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from instructrl.core.models import build_causal_lm, score_last_token, train_tokenizer
-from instructrl.core.stages.common import encode_pairs
-from instructrl.core.stages.evaluate import win_stats
-from instructrl.core.stages.rl import clipped_value_loss, explained_variance, per_token_rewards
-from instructrl.core.stages.rm import collate_rankings, rm_loss
+from instructrl.core.training import encode_pairs
 from instructrl.core.types import Completion, Prompt, Ranking, position_ids_from_mask
+from instructrl.plugins.stages.evaluate import win_stats
+from instructrl.plugins.stages.rl_step import clipped_value_loss, explained_variance, per_token_rewards
+from instructrl.plugins.stages.rm import collate_rankings, rm_loss
 
 
 def log_sigmoid(x: float) -> float:
