@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from .errors import ConfigError
+from .types import TokenBatch, last_token_index
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
@@ -273,7 +274,7 @@ def read_reward_stats(path: str | os.PathLike[str]) -> dict[str, float]:
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
-def score_last_token(model: PreTrainedModel, batch: Any) -> torch.Tensor:
+def score_last_token(model: PreTrainedModel, batch: TokenBatch) -> torch.Tensor:
     """``(B,)`` scalar head at each row's last real token of a TokenBatch, fp32.
 
     This is the one read-out used by the RM stage (training, held-out accuracy) and by the learned
@@ -286,6 +287,6 @@ def score_last_token(model: PreTrainedModel, batch: Any) -> torch.Tensor:
         position_ids=batch.position_ids,
         use_cache=False,
     ).last_hidden_state
-    last = batch.prompt_len + batch.response_mask.long().sum(-1) - 1
+    last = batch.prompt_len + last_token_index(batch.response_mask)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return head(hidden[rows, last]).squeeze(-1).float()

@@ -54,11 +54,9 @@ class Stateful(Protocol):
 
     def state_dict(self) -> StateDict:
         """Plain data (tensors, numbers, strings, lists, dicts) describing the state."""
-        ...
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         """Restore :meth:`state_dict`."""
-        ...
 
 
 class Policy(Protocol):
@@ -83,25 +81,20 @@ class Policy(Protocol):
         Sampling is from ``softmax(logits / temperature)`` over the full vocabulary (no top-k/top-p).
         Tokens after EOS are padding. Returns a :class:`Generation` whose batch is ``(B, P + R)``.
         """
-        ...
 
     def forward(self, batch: TokenBatch, *, temperature: float, return_logits: bool = False) -> PolicyOutput:
         """Per-token logprobs ``(B, R)`` and entropy ``(B, R)`` of the batch's responses under
         ``softmax(logits / temperature)``, with the batch's position ids; grads flow when enabled."""
-        ...
 
     def lm_loss(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Mean next-token cross-entropy (nats per token, temperature 1) over the real tokens of
         ``(B, T)`` text; a scalar."""
-        ...
 
     def reference(self) -> Policy:
         """A frozen policy to measure KL against (InstructGPT: the SFT model the policy starts from)."""
-        ...
 
     def save(self, path: str) -> None:
         """Write an HF model directory (model + tokenizer) loadable by ``AutoModelForCausalLM``."""
-        ...
 
 
 class ValueModel(Protocol):
@@ -111,11 +104,9 @@ class ValueModel(Protocol):
 
     def values(self, batch: TokenBatch) -> Tensor:
         """``(B, R)`` value of the state before each response token (position ``P + t − 1``)."""
-        ...
 
     def save(self, path: str) -> None:
         """Write an HF model directory."""
-        ...
 
 
 class RewardModel(Protocol):
@@ -123,12 +114,10 @@ class RewardModel(Protocol):
 
     def score(self, inp: RewardInput) -> Tensor:
         """``(B,)`` float32 scores, one per row of ``inp``."""
-        ...
 
     def demo_mean(self) -> float | None:
         """The model's mean score on the SFT demonstrations if it knows it (the RM stage records
         it; ``demo_bias`` uses it), else ``None``."""
-        ...
 
 
 class AdvantageEstimator(Protocol):
@@ -137,7 +126,6 @@ class AdvantageEstimator(Protocol):
 
     def __call__(self, inp: AdvantageInput) -> AdvantageOutput:
         """Advantages ``(B, R)`` and returns ``(B, R)`` or ``None``."""
-        ...
 
 
 class Objective(Protocol):
@@ -148,7 +136,6 @@ class Objective(Protocol):
 
     def __call__(self, inp: ObjectiveInput) -> LossOutput:
         """Per-token loss ``(B, R)`` (0 on padding) and metrics (e.g. ``clip_frac``)."""
-        ...
 
 
 class KLEstimator(Protocol):
@@ -157,7 +144,6 @@ class KLEstimator(Protocol):
 
     def __call__(self, inp: KLInput) -> Tensor:
         """``(B, R)`` per-token KL estimate (unmasked; callers multiply by the response mask)."""
-        ...
 
 
 class KLController(Protocol):
@@ -167,19 +153,15 @@ class KLController(Protocol):
     @property
     def coef(self) -> float:
         """The current β."""
-        ...
 
     def update(self, inp: ControllerInput) -> None:
         """Observe one iteration's KL (per sequence and mean) and move β."""
-        ...
 
     def state_dict(self) -> StateDict:
         """State saved in checkpoints."""
-        ...
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         """Restore :meth:`state_dict`."""
-        ...
 
 
 class RewardTransform(Protocol):
@@ -187,7 +169,6 @@ class RewardTransform(Protocol):
 
     def __call__(self, inp: TransformInput) -> Tensor:
         """``(B,)`` transformed scores."""
-        ...
 
 
 class ExtraLoss(Protocol):
@@ -199,7 +180,6 @@ class ExtraLoss(Protocol):
     def __call__(self, inp: ExtraLossInput) -> LossOutput:
         """Scalar loss already multiplied by ``coef`` and by the micro-batch's share, and metrics
         (unweighted; logged as ``<name>/<metric>``)."""
-        ...
 
 
 class GoldJudge(Protocol):
@@ -207,7 +187,10 @@ class GoldJudge(Protocol):
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[Completion]) -> list[float]:
         """One score per response, higher is better."""
-        ...
+
+    def parts(self, prompts: Sequence[Prompt], completions: Sequence[Completion]) -> dict[str, list[float]]:
+        """Named additive parts of the score per response (``{}`` if it has none); the evaluation
+        logs each as ``eval/gold_<part>`` (and ``…_sft``)."""
 
 
 class Task(Protocol):
@@ -218,11 +201,9 @@ class Task(Protocol):
 
     def prompts(self, split: str) -> Sequence[Prompt]:
         """Prompts of ``split``: ``"rl"`` (RL training) or ``"eval"`` (held out from every stream)."""
-        ...
 
     def demonstrations(self) -> Sequence[Demonstration]:
         """SFT demonstrations."""
-        ...
 
     def rankings(self, split: str, sample: SampleFn) -> Sequence[Ranking]:
         """Ranked responses for the reward model: ``"train"`` or ``"eval"`` (held out).
@@ -230,15 +211,12 @@ class Task(Protocol):
         ``sample(prompts, k)`` draws responses from the SFT policy, for tasks whose labeler ranks
         policy samples; file-based tasks ignore it.
         """
-        ...
 
     def pretraining_text(self, split: str) -> Sequence[str]:
         """Plain text for the base LM and for ptx: ``"train"`` or ``"eval"`` (held out)."""
-        ...
 
     def pair_kind(self, prompt: Prompt, a: Completion, b: Completion) -> str | None:
         """A label for a ranked pair (the RM's accuracy is also reported per label), or ``None``."""
-        ...
 
 
 class Logger(Protocol):
@@ -260,30 +238,24 @@ class Stage(Protocol):
     def inputs(self, recipe: Recipe) -> dict[str, object]:
         """``{recipe key: value}`` of every block the stage reads model paths from; ``@stage``
         strings in the values are the stage's dependencies."""
-        ...
 
     def cache_key(self, recipe: Recipe) -> Mapping[str, object] | None:
         """What determines the stage's output besides its inputs (hashed into the stage-cache key),
         or ``None`` when the stage is not cached (it runs in the run dir)."""
-        ...
 
     def skip(self, recipe: Recipe) -> tuple[str, str] | None:
         """``(reason, output dir)`` when the recipe supplies the output instead (e.g. ``base.model``
         for pretraining), else ``None``."""
-        ...
 
     def check(self, recipe: Recipe) -> None:
         """Raise a one-line ``ConfigError`` for settings that cannot go together (run before
         anything is built, ``--dry-run`` included)."""
-        ...
 
     def describe(self, recipe: Recipe) -> dict[str, object]:
         """Derived quantities for ``--dry-run`` (batch arithmetic, sizes)."""
-        ...
 
     def run(self, ctx: StageContext) -> dict[str, object]:
         """Run the stage into ``ctx.stage_dir``; return its summary (flat ``<stage>/<metric>`` keys)."""
-        ...
 
 
 class Command(Protocol):
@@ -294,11 +266,9 @@ class Command(Protocol):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Add the command's arguments."""
-        ...
 
     def run(self, args: argparse.Namespace) -> int:
         """Run; return the exit code."""
-        ...
 
 
 __all__ = [

@@ -405,6 +405,7 @@ class ExtraLossInput:
         iteration: the RL iteration (0-based).
         micro_index / micro_count: this micro-batch's index in its minibatch, and how many there are.
         share: this micro-batch's fraction of the minibatch's sequences (the shares sum to 1).
+        minibatch_tokens: real response tokens in the whole minibatch (for exact token means).
     """
 
     batch: TokenBatch
@@ -417,6 +418,7 @@ class ExtraLossInput:
     micro_index: int = 0
     micro_count: int = 1
     share: float = 1.0
+    minibatch_tokens: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -130,6 +130,10 @@ def eval_batch(
     a, b = judge_scores(judges, prompts, rl), judge_scores(judges, prompts, sft)
     w = win_stats(a, b)
     out.update(score=a, score_sft=b, win=w.win, strict_win=w.strict_win, strict_loss=w.strict_loss)
+    if judges.gold is not None:
+        for suffix, gen in (("", rl), ("_sft", sft)):
+            for part, values in judges.gold.parts(list(prompts), gen.completions).items():
+                out[f"gold_{part}{suffix}"] = torch.tensor(values, dtype=torch.float)
     if judges.reward is not None:
         for key, gen in (("rm_score", rl), ("rm_score_sft", sft)):
             inp = RewardInput(prompts=list(prompts), completions=gen.completions, batch=gen.batch)
@@ -157,6 +161,11 @@ def eval_batch(
 
 
 # The summary names of eval_batch's per-row keys (means over prompts).
+def summary_name(key: str) -> str | None:
+    """The summary name of one of :func:`eval_batch`'s keys (means over prompts), or ``None``."""
+    return SUMMARY_NAMES.get(key) or (f"eval/{key}" if key.startswith("gold_") else None)
+
+
 SUMMARY_NAMES = {
     "win": "eval/win_rate_vs_sft",
     "strict_win": "eval/strict_win",
@@ -206,7 +215,7 @@ class EvalModule(pl.LightningModule):
         super().__init__()
         self.policy, self.reference, self.judges = policy, reference, judges
         self.cfg, self.max_new_tokens, self.max_prompt = cfg, max_new_tokens, max_prompt
-        self.means = torch.nn.ModuleDict({k: MeanMetric() for k in SUMMARY_NAMES})
+        self.means = torch.nn.ModuleDict()
         self.count = SumMetric()
         self.samples: list[dict[str, object]] = []
 
@@ -215,9 +224,11 @@ class EvalModule(pl.LightningModule):
             self.policy, self.reference, self.judges, prompts, temperature=self.cfg.temperature,
             max_new_tokens=self.max_new_tokens, greedy=self.cfg.greedy, max_prompt=self.max_prompt,
         )  # fmt: skip
-        for key in SUMMARY_NAMES:
-            if key in stats:
-                self.means[key].update(stats[key])
+        for key, values in stats.items():
+            if summary_name(key) is not None:
+                if key not in self.means:
+                    self.means[key] = MeanMetric()
+                self.means[key].update(values)
         self.count.update(torch.tensor(float(len(prompts))))
         for i, p in enumerate(prompts[: max(0, self.cfg.n_samples - len(self.samples))]):
             self.samples.append(
@@ -238,11 +249,7 @@ class EvalModule(pl.LightningModule):
         return batch  # a list of Prompt (strings); tokenized inside test_step
 
     def results(self) -> dict[str, float]:
-        out = {
-            name: float(self.means[k].compute())
-            for k, name in SUMMARY_NAMES.items()
-            if self.means[k].update_count
-        }
+        out = {str(summary_name(k)): float(m.compute()) for k, m in self.means.items()}
         out["eval/n_prompts"] = int(self.count.compute())
         return out
 

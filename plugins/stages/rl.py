@@ -26,7 +26,19 @@ from instructrl.core.fields import param, positive, to_plain
 from instructrl.core.hookspecs import hookimpl
 from instructrl.core.io import is_global_zero, write_json
 from instructrl.core.ops import all_reduce_sum, global_mean
-from instructrl.core.protocols import Policy, RewardModel, Stateful, Task
+from instructrl.core.protocols import (
+    AdvantageEstimator,
+    ExtraLoss,
+    KLController,
+    KLEstimator,
+    Objective,
+    Policy,
+    RewardModel,
+    RewardTransform,
+    Stateful,
+    Task,
+    ValueModel,
+)
 from instructrl.core.training import (
     StageContext,
     Timer,
@@ -37,14 +49,14 @@ from instructrl.core.training import (
     score_completions,
     seed_everything,
 )
-from instructrl.core.types import Completion, ControllerInput
+from instructrl.core.types import Completion, ControllerInput, Prompt
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from . import rl_step
-from .evaluate import SUMMARY_NAMES, Judges, eval_batch
-from .rl_step import Experience, MicroStep, RLComponents, Settings
+from .evaluate import Judges, eval_batch, summary_name
+from .rl_step import Experience, MicroStep
 
 
 @dataclass
@@ -98,6 +110,45 @@ class RLSection:
             raise ValueError(f"grad_clip must be > 0 or null (got {self.grad_clip})")
         if self.entropy_coef < 0:
             raise ValueError(f"entropy_coef must be >= 0 (got {self.entropy_coef})")
+
+
+@dataclass
+class RLComponents:
+    """Every component the RL stage builds from the recipe, typed by its protocol."""
+
+    task: Task
+    policy: Policy
+    reference: Policy
+    value: ValueModel | None
+    reward: RewardModel
+    transforms: list[tuple[str, RewardTransform]]
+    kl_estimator: KLEstimator
+    kl_controller: KLController
+    advantage: AdvantageEstimator
+    objective: Objective
+    extra_losses: list[tuple[str, ExtraLoss]]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the iteration reads from the recipe, flat (no config object inside the maths)."""
+
+    samples_per_prompt: int
+    temperature: float
+    max_new_tokens: int
+    max_prompt_tokens: int
+    kl_in_reward: bool
+    needs_logits: bool
+    greedy_baseline: bool
+    iterations: int
+    epochs: int
+    minibatches: int
+    micro_batch_size: int | None
+    entropy_coef: float
+    value_coef: float
+    value_clip: float | None
+    check_ratio: bool
+    seed: int
 
 
 def settings(recipe: Recipe) -> Settings:
@@ -183,6 +234,18 @@ def reference_sample_scores(
     )
 
 
+def iteration_prompts(
+    prompts: list[Prompt], n: int, iteration: int, seed: int, world: int, rank: int
+) -> list[Prompt]:
+    """This process's ``n`` prompts for ``iteration``: a seeded shuffle of ``prompts``, cycled."""
+    per_pass = max(1, len(prompts) // (n * world))
+    pass_idx, slot = divmod(iteration, per_pass)
+    order = list(range(len(prompts)))
+    random.Random(seed * 1_000_003 + pass_idx).shuffle(order)
+    start = (slot * world + rank) * n
+    return [prompts[order[(start + i) % len(order)]] for i in range(n)]
+
+
 class RLModule(pl.LightningModule):
     """PPO-style RL with swappable components; see the module docstring for the loop layout."""
 
@@ -241,9 +304,7 @@ class RLModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         it, world, rank = self.current_epoch, self.trainer.world_size, self.trainer.global_rank
-        prompts = rl_step.iteration_prompts(
-            self.rl_prompts, self.prompts_per_iteration, it, self.s.seed, world, rank
-        )
+        prompts = iteration_prompts(self.rl_prompts, self.prompts_per_iteration, it, self.s.seed, world, rank)
         with self.trainer.precision_plugin.forward_context():
             self.exp = rl_step.experience(self.comps, self.s, prompts, it, rank, self.timer)
         self.plan = rl_step.update_plan(self.episodes, self.s, it)
@@ -310,13 +371,13 @@ class RLModule(pl.LightningModule):
                 c.policy, c.reference, Judges(c.task.gold, c.reward), chunk, temperature=cfg.temperature,
                 max_new_tokens=cfg.max_new_tokens or s.max_new_tokens, greedy=False, max_prompt=s.max_prompt_tokens,
             )  # fmt: skip
-            for key in SUMMARY_NAMES:
-                if key in stats:
+            for key in stats:
+                if summary_name(key) is not None:
                     add = torch.stack([stats[key].sum(), torch.tensor(float(len(chunk)))])
                     totals[key] = totals.get(key, torch.zeros(2)) + add
         self.policy_net.train()
         sums = {k: all_reduce_sum(v) for k, v in totals.items()}
-        return {SUMMARY_NAMES[k]: float(v[0] / v[1].clamp_min(1)) for k, v in sums.items()}
+        return {str(summary_name(k)): float(v[0] / v[1].clamp_min(1)) for k, v in sums.items()}
 
     # ------------------------------------------------------------------ checkpoint state
     def on_save_checkpoint(self, checkpoint: dict[str, object]) -> None:

@@ -1,6 +1,5 @@
-"""One RL iteration, top to bottom: :func:`experience` (steps 1–5, no gradients) and
-:func:`micro_batch_loss` (step 6 on one micro-batch). The Lightning module in ``rl.py`` calls
-these in one line per hook; the maths is pure functions (Ouyang et al. 2022; lm-human-preferences).
+"""One RL iteration, top to bottom: :func:`experience` (steps 1–5, no gradients) and :func:`micro_batch_loss`
+(step 6 on one micro-batch), called from ``rl.py``'s Lightning hooks; the maths is pure functions.
 
     1. rollout      prompts → responses (+ logprobs at sampling temperature)
     2. score        reward model(prompt, response) → scalar at the last real token
@@ -13,24 +12,12 @@ these in one line per hook; the maths is pure functions (Ouyang et al. 2022; lm-
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from instructrl.core.errors import RunFailure
 from instructrl.core.ops import aggregate, global_mean, masked_mean, masked_var
-from instructrl.core.protocols import (
-    AdvantageEstimator,
-    ExtraLoss,
-    KLController,
-    KLEstimator,
-    Objective,
-    Policy,
-    RewardModel,
-    RewardTransform,
-    Task,
-    ValueModel,
-)
 from instructrl.core.training import Timer, encode_prompts
 from instructrl.core.types import (
     AdvantageInput,
@@ -44,6 +31,9 @@ from instructrl.core.types import (
     last_token_index,
 )
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .rl import RLComponents, Settings
 
 RATIO_TOL = {"fp32": (1e-4, 1e-6), "bf16": (5e-2, 1e-3)}
 """Bounds on max|ratio − 1| and approx-KL on the first minibatch (bf16 rounds logits to ~3 digits)."""
@@ -77,45 +67,6 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
 
 
 @dataclass
-class RLComponents:
-    """Every component the RL stage builds from the recipe, typed by its protocol."""
-
-    task: Task
-    policy: Policy
-    reference: Policy
-    value: ValueModel | None
-    reward: RewardModel
-    transforms: list[tuple[str, RewardTransform]]
-    kl_estimator: KLEstimator
-    kl_controller: KLController
-    advantage: AdvantageEstimator
-    objective: Objective
-    extra_losses: list[tuple[str, ExtraLoss]]
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What the iteration reads from the recipe, flat (no config object inside the maths)."""
-
-    samples_per_prompt: int
-    temperature: float
-    max_new_tokens: int
-    max_prompt_tokens: int
-    kl_in_reward: bool
-    needs_logits: bool
-    greedy_baseline: bool
-    iterations: int
-    epochs: int
-    minibatches: int
-    micro_batch_size: int | None
-    entropy_coef: float
-    value_coef: float
-    value_clip: float | None
-    check_ratio: bool
-    seed: int
-
-
-@dataclass
 class Experience:
     """One iteration's rollouts with everything step 6 needs. Shapes ``(B, R)`` unless noted."""
 
@@ -133,9 +84,7 @@ class Experience:
     stats: dict[str, list[Tensor]] = field(default_factory=dict)  # step 6 accumulates here
 
 
-def apply_transforms(
-    c: RLComponents, s: Settings, inp: TransformInput, metrics: dict[str, float] | None
-) -> Tensor:
+def apply_transforms(c: RLComponents, inp: TransformInput, metrics: dict[str, float] | None) -> Tensor:
     """The reward transforms in order; ``reward/after/<name>`` into ``metrics`` after each."""
     scores = inp.scores
     for i, (name, transform) in enumerate(c.transforms):
@@ -185,7 +134,7 @@ def experience(
         scores=raw, prompts=prompts, completions=gen.completions, ended=gen.ended, lengths=lengths,
         group_ids=group_ids, max_new_tokens=s.max_new_tokens, iteration=iteration,
     )  # fmt: skip
-    shaped = apply_transforms(c, s, shaping, m)
+    shaped = apply_transforms(c, shaping, m)
     baseline = None
     if s.greedy_baseline:
         base_inp = TransformInput(
@@ -193,7 +142,7 @@ def experience(
             lengths=greedy.batch.response_mask.sum(-1).long(), group_ids=group_ids,
             max_new_tokens=s.max_new_tokens, iteration=iteration, is_baseline=True,
         )  # fmt: skip
-        baseline = apply_transforms(c, s, base_inp, None)
+        baseline = apply_transforms(c, base_inp, None)
     kl_inp = KLInput(
         logprobs=old.logprobs, ref_logprobs=ref.logprobs, mask=rmask, logits=old.logits, ref_logits=ref.logits
     )
@@ -229,28 +178,13 @@ def experience(
     if baseline is not None:
         m["reward/baseline"] = global_mean(baseline)
     if values is not None and adv.returns is not None:
-        var_g = masked_var(adv.returns, rmask, global_=True).clamp_min(1e-8)
-        m["value/explained_variance"] = float(
-            1 - masked_var(adv.returns - values, rmask, global_=True) / var_g
-        )
+        m["value/explained_variance"] = float(explained_variance(values, adv.returns, rmask))
         m["value/mean"] = float(masked_mean(values, rmask, global_=True))
         m["returns/mean"] = float(masked_mean(adv.returns, rmask, global_=True))
     return Experience(
         batch, group_ids, old.logprobs, ref.logprobs, ref.logits, values, adv.advantages, adv.returns,
         shaped, kl_seq, m,
     )  # fmt: skip
-
-
-def iteration_prompts(
-    prompts: list[Prompt], n: int, iteration: int, seed: int, world: int, rank: int
-) -> list[Prompt]:
-    """This process's ``n`` prompts for ``iteration``: a seeded shuffle of ``prompts``, cycled."""
-    per_pass = max(1, len(prompts) // (n * world))
-    pass_idx, slot = divmod(iteration, per_pass)
-    order = list(range(len(prompts)))
-    random.Random(seed * 1_000_003 + pass_idx).shuffle(order)
-    start = (slot * world + rank) * n
-    return [prompts[order[(start + i) % len(order)]] for i in range(n)]
 
 
 @dataclass(frozen=True)
@@ -285,14 +219,15 @@ def update_plan(n_episodes: int, s: Settings, iteration: int) -> list[MicroStep]
 
 
 def check_ratio(
-    logprobs: Tensor, old: Tensor, mask: Tensor, precision: str, iteration: int
+    logprobs: Tensor, old: Tensor, mask: Tensor, precision: str, iteration: int, enforce: bool = True
 ) -> dict[str, float]:
-    """Before any update of an iteration the policy *is* the rollout policy: ratio == 1."""
+    """Before any update of an iteration the policy *is* the rollout policy: ratio == 1 (a
+    :class:`RunFailure` beyond the precision's bounds when ``enforce``); returns both deviations."""
     log_ratio = (logprobs.detach() - old) * mask
     ratio_dev = float((log_ratio.exp() - 1).abs().max())
     approx_kl = float(masked_mean((log_ratio.exp() - 1) - log_ratio, mask))
     tol_r, tol_k = RATIO_TOL[precision]
-    if ratio_dev > tol_r or approx_kl > tol_k:
+    if enforce and (ratio_dev > tol_r or approx_kl > tol_k):
         raise RunFailure(
             f"rl: ratio invariant violated on the first minibatch of iteration {iteration}: "
             f"max|ratio-1|={ratio_dev:.2e} (bound {tol_r:.0e}), approx-KL={approx_kl:.2e} (bound {tol_k:.0e}); "
@@ -302,14 +237,8 @@ def check_ratio(
 
 
 def micro_batch_loss(
-    c: RLComponents,
-    s: Settings,
-    exp: Experience,
-    step: MicroStep,
-    iteration: int,
-    opt_step: int,
-    precision: str,
-) -> Tensor:
+    c: RLComponents, s: Settings, exp: Experience, step: MicroStep, iteration: int, opt_step: int, precision: str
+) -> Tensor:  # fmt: skip
     """Step 6 on one micro-batch: the loss to backpropagate. Every term is normalised by the
     *minibatch* totals, so the micro-batch losses of one minibatch sum to the minibatch loss."""
     rows, batch = step.rows, exp.batch.select(step.rows)
@@ -318,17 +247,14 @@ def micro_batch_loss(
     norm = {"num_seqs": len(step.minibatch_rows), "num_tokens": mb_tokens, "norm_len": s.max_new_tokens}
     share = len(rows) / len(step.minibatch_rows)
 
-    def acc(key: str, value: Tensor | float) -> None:
+    def record(key: str, value: Tensor | float) -> None:  # averaged over micro-batches and processes
         exp.stats.setdefault(key, []).append(torch.as_tensor(value, dtype=torch.float).detach().reshape(()))
 
     kl_loss = not s.kl_in_reward
     out = c.policy.forward(batch, temperature=s.temperature, return_logits=kl_loss and s.needs_logits)
     old = exp.old_logprobs[rows]
     if step.first:
-        checked = check_ratio(out.logprobs, old, mask, precision, iteration)
-        exp.metrics.update(checked) if s.check_ratio else exp.metrics.update(
-            {k: v for k, v in checked.items()}
-        )
+        exp.metrics.update(check_ratio(out.logprobs, old, mask, precision, iteration, s.check_ratio))
     obj = c.objective(
         ObjectiveInput(
             logprobs=out.logprobs, old_logprobs=old, advantages=exp.advantages[rows], mask=mask,
@@ -341,33 +267,33 @@ def micro_batch_loss(
     per_token = obj.loss
     if kl_loss:
         ref_logits = exp.ref_logits[rows] if exp.ref_logits is not None else None
-        kl = c.kl_estimator(
-            KLInput(logprobs=out.logprobs, ref_logprobs=exp.ref_logprobs[rows], mask=mask, logits=out.logits, ref_logits=ref_logits)
-        )  # fmt: skip
+        kl_inp = KLInput(logprobs=out.logprobs, ref_logprobs=exp.ref_logprobs[rows], mask=mask, logits=out.logits, ref_logits=ref_logits)  # fmt: skip
+        kl = c.kl_estimator(kl_inp)
         per_token = per_token + float(c.kl_controller.coef) * kl
-        acc("kl/loss_term", masked_mean(kl.detach(), mask))
+        record("kl/loss_term", masked_mean(kl.detach(), mask))
     if s.entropy_coef:
         per_token = per_token - s.entropy_coef * out.entropy
     loss = aggregate(per_token, mask, c.objective.aggregation, **norm)
-    acc("policy/loss", loss.detach() / share)
+    record("policy/loss", loss.detach() / share)
     for name, v in obj.metrics.items():
-        acc(f"policy/{name}", v)
-    acc("policy/entropy", masked_mean(out.entropy.detach(), mask))
+        record(f"policy/{name}", v)
+    record("policy/entropy", masked_mean(out.entropy.detach(), mask))
     if c.value is not None and exp.returns is not None and exp.values is not None:
         v = c.value.values(batch).float()
         vloss = aggregate(clipped_value_loss(v, exp.values[rows], exp.returns[rows], s.value_clip), mask, "token_mean", num_tokens=mb_tokens)  # fmt: skip
         loss = loss + s.value_coef * vloss
-        acc("value/loss", vloss.detach() / share)
+        record("value/loss", vloss.detach() / share)
         if s.value_clip is not None:
-            acc("value/clip_frac", masked_mean(((v - exp.values[rows]).abs() > s.value_clip).float(), mask))
+            record("value/clip_frac", masked_mean(((v - exp.values[rows]).abs() > s.value_clip).float(), mask))  # fmt: skip
     for name, extra in c.extra_losses:
         e = extra(
             ExtraLossInput(
                 batch=batch, output=out, policy=c.policy, reference=c.reference, task=c.task, step=opt_step,
                 iteration=iteration, micro_index=step.index, micro_count=step.count, share=share,
+                minibatch_tokens=int(mb_tokens),
             )
         )  # fmt: skip
         loss = loss + e.loss
         for key, v in e.metrics.items():
-            acc(f"{name}/{key}", v)
+            record(f"{name}/{key}", v)
     return loss

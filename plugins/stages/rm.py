@@ -42,9 +42,11 @@ from instructrl.core.training import (
     lr_lambda,
     make_trainer,
     sample_completions,
+    score_completions,
     seed_everything,
 )
 from instructrl.core.types import Completion, Prompt, Ranking, TokenBatch
+from instructrl.plugins.hf import LearnedReward
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
@@ -255,22 +257,18 @@ def evaluate_rankings(
     return out
 
 
-@torch.no_grad()
 def score_demos(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, max_prompt: int, max_response: int
 ) -> Tensor:
-    """``(N,)`` RM scores of the task's demonstrations (the RL tokenization; ``demo_bias`` reads
-    their mean)."""
-    model.eval()
+    """``(N,)`` RM scores of the task's demonstrations, read as RL reads the reward (``demo_bias``
+    subtracts their mean)."""
     demos = list(task.demonstrations())
-    out = []
-    for chunk in batched(demos, 128):
-        tb = encode_pairs(
-            tokenizer, [d.prompt.text for d in chunk], [Completion(d.response, True) for d in chunk],
-            max_prompt, max_response,
-        )  # fmt: skip
-        out.append(score_last_token(model, tb))
-    return torch.cat(out) if out else torch.zeros(0)
+    reward = LearnedReward(model, tokenizer, {})
+    comps = [Completion(d.response, True) for d in demos]
+    prompts = [d.prompt for d in demos]
+    return score_completions(
+        reward, tokenizer, prompts, comps, max_prompt=max_prompt, max_response=max_response
+    )
 
 
 class RMStage:
