@@ -3,11 +3,12 @@ checking that what a plugin registers or builds implements its kind's protocol."
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import inspect
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Protocol
@@ -100,13 +101,18 @@ def protocol_problem(obj: object, proto: type) -> str | None:
     return None
 
 
+@functools.cache
+def _distributions() -> Mapping[str, list[str]]:
+    return importlib.metadata.packages_distributions()
+
+
 def package_of(plugin: object) -> str:
     module = plugin if isinstance(plugin, ModuleType) else inspect.getmodule(plugin)
     name = getattr(module, "__name__", "") or ""
     top = name.split(".")[0]
     if top == BUILTIN_PACKAGE:
         return BUILTIN_PACKAGE
-    dists = importlib.metadata.packages_distributions().get(top)
+    dists = _distributions().get(top)
     return dists[0] if dists else (top or "<unknown>")
 
 

@@ -33,14 +33,8 @@ def all_reduce_sum(x: Tensor) -> Tensor:
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None, *, global_: bool = False) -> Tensor:
-    """Mean of ``x`` where ``mask`` is 1.
-
-    Args:
-        x: any shape.
-        mask: same shape as ``x`` (float or bool).
-        dim: reduce over this dim only (local); ``None`` reduces everything.
-        global_: with ``dim=None``, reduce over all processes too.
-    """
+    """Mean of ``x`` where ``mask`` (same shape, float or bool) is 1: over ``dim`` only (local), or
+    over everything when ``dim`` is ``None`` — and over all processes too with ``global_``."""
     mask = mask.to(x.dtype)
     if dim is not None:
         return (x * mask).sum(dim) / mask.sum(dim).clamp_min(1.0)
@@ -83,14 +77,9 @@ def masked_whiten(
 
 
 def aggregate(
-    loss: Tensor,
-    mask: Tensor,
-    mode: str,
-    *,
-    num_seqs: int | None = None,
-    num_tokens: float | None = None,
+    loss: Tensor, mask: Tensor, mode: str, *, num_seqs: int | None = None, num_tokens: float | Tensor | None = None,
     norm_len: int | None = None,
-) -> Tensor:
+) -> Tensor:  # fmt: skip
     """Reduce a per-token loss ``(B, R)`` to a scalar.
 
     Modes (``n_i`` = real tokens of sequence ``i``, ``N`` = sequences, ``T`` = tokens):
@@ -100,16 +89,9 @@ def aggregate(
     - ``seq_mean_token_sum``: ``Σ_i Σ_t l / N``.
     - ``seq_mean_token_sum_norm``: ``Σ_i Σ_t l / (N · L)`` with a constant ``L`` (Dr. GRPO).
 
-    For gradient accumulation pass the **minibatch** totals (``num_seqs``, ``num_tokens``) while
-    ``loss`` holds one micro-batch: the micro-batch losses then sum to the minibatch loss exactly.
-
-    Args:
-        loss: ``(B, R)`` per-token loss.
-        mask: ``(B, R)`` response mask.
-        mode: one of :data:`AGGREGATIONS`.
-        num_seqs: ``N`` (default: ``B``).
-        num_tokens: ``T`` (default: ``mask.sum()``).
-        norm_len: ``L`` for ``seq_mean_token_sum_norm`` (default: ``R``).
+    ``loss`` and ``mask`` are ``(B, R)``; ``N``, ``T`` and ``L`` default to ``B``, ``mask.sum()`` and
+    ``R``. For gradient accumulation pass the **minibatch** totals (``num_seqs``, ``num_tokens``)
+    while ``loss`` holds one micro-batch: the micro-batch losses then sum to the minibatch loss.
     """
     mask = mask.to(loss.dtype)
     n_seqs = float(num_seqs if num_seqs is not None else loss.shape[0])

@@ -47,7 +47,7 @@ from .protocols import (
     Task,
     ValueModel,
 )
-from .registry import BuildContext
+from .registry import KINDS, BuildContext, get_registry, make_registry
 from .training import StageContext
 from .types import (
     API_VERSION,

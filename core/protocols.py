@@ -68,14 +68,8 @@ class Policy(Protocol):
     """The HF tokenizer: ``pad_token_id`` and ``eos_token_id`` are set and distinct."""
 
     def generate(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        *,
-        max_new_tokens: int,
-        temperature: float,
-        greedy: bool = False,
-    ) -> Generation:
+        self, input_ids: Tensor, attention_mask: Tensor, *, max_new_tokens: int, temperature: float, greedy: bool = False
+    ) -> Generation:  # fmt: skip
         """Sample responses to left-padded prompts ``(B, P)``.
 
         Sampling is from ``softmax(logits / temperature)`` over the full vocabulary (no top-k/top-p).
@@ -269,23 +263,3 @@ class Command(Protocol):
 
     def run(self, args: argparse.Namespace) -> int:
         """Run; return the exit code."""
-
-
-__all__ = [
-    "AdvantageEstimator",
-    "Command",
-    "ExtraLoss",
-    "GoldJudge",
-    "KLController",
-    "KLEstimator",
-    "Logger",
-    "Objective",
-    "Policy",
-    "RewardModel",
-    "RewardTransform",
-    "SampleFn",
-    "Stage",
-    "Stateful",
-    "Task",
-    "ValueModel",
-]

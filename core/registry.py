@@ -80,43 +80,27 @@ class ComponentSpec:
 
     def as_dict(self) -> dict[str, str]:
         """``{kind, name, package, plugin, description}`` (the ``instructrl plugins --json`` row)."""
-        return {
-            "kind": self.kind,
-            "name": self.name,
-            "package": self.package,
-            "plugin": self.plugin,
-            "description": self.description,
-        }
+        return {k: getattr(self, k) for k in ("kind", "name", "package", "plugin", "description")}
 
 
 @dataclass
 class BuildContext:
     """What a factory may need beyond its config. Fields a stage does not have are ``None``
-    (docs/plugins.md lists which fields each kind receives).
+    (docs/plugins.md lists which fields each kind receives)."""
 
-    Attributes:
-        registry: the registry (to build nested components, e.g. ``ensemble`` members).
-        seed: the seed of the stage being built.
-        stage: the stage's name; ``stage_dir``: where it writes (loggers write there).
-        run_name: the run directory's name.
-        paths: output model dirs of upstream stages, ``{"sft": ".../model"}``.
-        task: the built Task.
-        tokenizer: the policy's HF tokenizer.
-        reward_model: the built reward model.
-        score_demonstrations: ``() -> (N,)`` reward scores of the task's demonstrations.
-        score_reference_samples: ``(n) -> (n,)`` reward scores of ``n`` reference-policy samples.
-    """
-
-    registry: Registry
-    seed: int = 0
-    stage: str = ""
-    stage_dir: Path | None = None
-    run_name: str = "run"
+    registry: Registry  # the registry (to build nested components, e.g. ``ensemble`` members).
+    seed: int = 0  # the seed of the stage being built.
+    stage: str = ""  # the stage's name.
+    stage_dir: Path | None = None  # where the stage writes (loggers write there).
+    run_name: str = "run"  # the run directory's name.
+    # output model dirs of upstream stages, ``{"sft": ".../model"}``.
     paths: dict[str, str] = field(default_factory=dict)
-    task: protocols.Task | None = None
-    tokenizer: PreTrainedTokenizerBase | None = None
-    reward_model: protocols.RewardModel | None = None
+    task: protocols.Task | None = None  # the built Task.
+    tokenizer: PreTrainedTokenizerBase | None = None  # the policy's HF tokenizer.
+    reward_model: protocols.RewardModel | None = None  # the built reward model.
+    # ``() -> (N,)`` reward scores of the task's demonstrations.
     score_demonstrations: Callable[[], Tensor] | None = None
+    # ``(n) -> (n,)`` reward scores of ``n`` reference-policy samples.
     score_reference_samples: Callable[[int], Tensor] | None = None
 
     def resolve(self, value: str, key: str) -> str:
@@ -128,11 +112,6 @@ class BuildContext:
                 )
             return self.paths[value[1:]]
         return value
-
-
-# --------------------------------------------------------------------------------------------
-# The registry
-# --------------------------------------------------------------------------------------------
 
 
 def _first_line(obj: object) -> str:
@@ -156,24 +135,18 @@ class Registry:
             self._collect(kind)
         self._check_top_level_keys()
 
-    # -- collection ---------------------------------------------------------------------------
     def _collect(self, kind: Kind) -> None:
         caller = getattr(self.pm.hook, kind.hook)
         for impl in caller.get_hookimpls():  # registration order: built-ins first
             plugin_name = self.pm.get_name(impl.plugin) or repr(impl.plugin)
+            if any(b.plugin == plugin_name for b in self.broken):
+                continue  # a broken plugin registers nothing more
             package = self._packages.get(plugin_name, package_of(impl.plugin))
 
             def register(
-                name: str,
-                factory: Any,
-                *,
-                config: type | None = None,
-                description: str | None = None,
-                needs: Needs | None = None,
-                _pkg: str = package,
-                _plugin: str = plugin_name,
-                _kind: Kind = kind,
-            ) -> None:
+                name: str, factory: Any, *, config: type | None = None, description: str | None = None,
+                needs: Needs | None = None, _pkg: str = package, _plugin: str = plugin_name, _kind: Kind = kind,
+            ) -> None:  # fmt: skip
                 desc = description or _first_line(factory)
                 self._add(
                     ComponentSpec(_kind.name, name, factory, config, desc, _pkg, _plugin, needs or Needs())
@@ -184,11 +157,8 @@ class Registry:
             except PluginError as exc:
                 self._break(plugin_name, package, str(exc))
             except Exception as exc:  # a plugin's own bug: name it
-                self._break(
-                    plugin_name,
-                    package,
-                    f"plugin '{plugin_name}' (package '{package}') failed in {kind.hook}: {exc}",
-                )
+                error = f"plugin '{plugin_name}' (package '{package}') failed in {kind.hook}: {exc}"
+                self._break(plugin_name, package, error)
 
     def _break(self, plugin: str, package: str, error: str) -> None:
         self.broken.append(BrokenPlugin(plugin, package, error))
@@ -212,12 +182,9 @@ class Registry:
             raise PluginError(f"command '{spec.name}' of {where} clashes with the launcher's own sub-command")
         if KINDS[spec.kind].instance:
             self._check(spec.factory, spec)
-            if spec.kind == "stage":
-                for section, cls in spec.factory.sections.items():
-                    if not isinstance(cls, type):
-                        raise PluginError(
-                            f"{where}: stage '{spec.name}': section '{section}' needs a dataclass"
-                        )
+            for section, cls in spec.factory.sections.items() if spec.kind == "stage" else ():
+                if not isinstance(cls, type):
+                    raise PluginError(f"{where}: stage '{spec.name}': section '{section}' needs a dataclass")
         self._specs[spec.kind][spec.name] = spec
 
     def _check(self, obj: object, spec: ComponentSpec) -> None:
@@ -240,11 +207,7 @@ class Registry:
         for key, spec in claims:
             mine = f"{spec.kind} '{spec.name}' of package '{spec.package}'"
             if key in owners and owners[key] != mine:
-                self._break(
-                    spec.plugin,
-                    spec.package,
-                    f"recipe section '{key}' is claimed twice: by {owners[key]} and by {mine}",
-                )
+                self._break(spec.plugin, spec.package, f"recipe section '{key}' is claimed twice: by {owners[key]} and by {mine}")  # fmt: skip
             else:
                 owners[key] = mine
 
@@ -253,7 +216,6 @@ class Registry:
         if self.broken:
             raise PluginError(self.broken[0].message())
 
-    # -- lookup -------------------------------------------------------------------------------
     def names(self, kind: str) -> list[str]:
         """Registered names of ``kind``, sorted."""
         return sorted(self._specs[kind])

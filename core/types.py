@@ -1,19 +1,10 @@
 """The typed containers that travel between the RL step and the components.
 
-Every component kind is called with **one** input container: a frozen, keyword-only dataclass that
-carries everything the RL step has at that point. New fields are only ever *added* (with a
-default), so a plugin written against an older field set keeps working; plugins read the fields
-they need and ignore the rest.
-
-Shape conventions (torchtune-style):
-
-- ``B``: sequences in a batch (prompts × samples per prompt)
-- ``P``: prompt length after **left** padding
-- ``R``: response length after **right** padding
-- ``V``: vocabulary size
-
-A full sequence is ``[left-padded prompt | right-padded response]`` of length ``P + R``; the logits
-that predict response token ``t`` sit at position ``P + t - 1``.
+Every kind is called with **one** input container: a frozen, keyword-only dataclass carrying
+everything the RL step has at that point. Fields are only ever *added* (with a default), so a plugin
+written against fewer fields keeps working. Shapes: ``B`` sequences (prompts × samples), ``P``
+prompt length (**left**-padded), ``R`` response length (**right**-padded), ``V`` vocabulary; a
+sequence is ``[prompt | response]`` and the logits predicting response token ``t`` sit at ``P + t − 1``.
 """
 
 from __future__ import annotations
@@ -83,39 +74,20 @@ class Ranking:
 
     def pairs(self) -> list[tuple[int, int]]:
         """Every non-tied ``(winner, loser)`` index pair; ``C(K, 2)`` pairs when nothing ties."""
-        k = len(self.ranks)
-        out = []
-        for i in range(k):
-            for j in range(i + 1, k):
-                if self.ranks[i] < self.ranks[j]:
-                    out.append((i, j))
-                elif self.ranks[j] < self.ranks[i]:
-                    out.append((j, i))
-        return out
-
-
-# --------------------------------------------------------------------------------------------
-# Token batches
-# --------------------------------------------------------------------------------------------
+        r, k = self.ranks, len(self.ranks)
+        return [(i, j) if r[i] < r[j] else (j, i) for i in range(k) for j in range(i + 1, k) if r[i] != r[j]]
 
 
 class TokenBatch(NamedTuple):
-    """Prompt + response tokens, prompts left-padded to ``P`` and responses right-padded to ``R``.
+    """Prompt + response tokens, prompts left-padded to ``P`` and responses right-padded to ``R``."""
 
-    Attributes:
-        input_ids: ``(B, P + R)`` token ids (padding = the tokenizer's pad id).
-        attention_mask: ``(B, P + R)`` 1 on real tokens, 0 on padding.
-        position_ids: ``(B, P + R)`` ``cumsum(attention_mask) - 1``, so the first real token of
-            every row is position 0 whatever its padding; padding positions hold 0.
-        response_mask: ``(B, R)`` float, 1 on real response tokens (including the EOS token).
-        prompt_len: ``P``.
-    """
-
-    input_ids: Tensor
-    attention_mask: Tensor
+    input_ids: Tensor  # ``(B, P + R)`` token ids (padding = the tokenizer's pad id).
+    attention_mask: Tensor  # ``(B, P + R)`` 1 on real tokens, 0 on padding.
+    # ``(B, P + R)`` ``cumsum(attention_mask) - 1``, so the first real token of every row is position 0
+    # whatever its padding; padding positions hold 0.
     position_ids: Tensor
-    response_mask: Tensor
-    prompt_len: int
+    response_mask: Tensor  # ``(B, R)`` float, 1 on real response tokens (including the EOS token).
+    prompt_len: int  # ``P``.
 
     @property
     def response_ids(self) -> Tensor:
@@ -124,23 +96,11 @@ class TokenBatch(NamedTuple):
 
     def select(self, index: Tensor) -> TokenBatch:
         """Rows ``index`` of the batch (for minibatches)."""
-        return TokenBatch(
-            self.input_ids[index],
-            self.attention_mask[index],
-            self.position_ids[index],
-            self.response_mask[index],
-            self.prompt_len,
-        )
+        return TokenBatch(*(t[index] for t in self[:4]), self.prompt_len)
 
     def to(self, device: torch.device | str) -> TokenBatch:
         """The batch on ``device``."""
-        return TokenBatch(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.position_ids.to(device),
-            self.response_mask.to(device),
-            self.prompt_len,
-        )
+        return TokenBatch(*(t.to(device) for t in self[:4]), self.prompt_len)
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -175,62 +135,39 @@ def last_token_index(mask: Tensor) -> Tensor:
 
 
 class Generation(NamedTuple):
-    """What ``Policy.generate`` returns.
+    """What ``Policy.generate`` returns."""
 
-    Attributes:
-        batch: the prompt + sampled response tokens.
-        ended: ``(B,)`` bool, the response ended with EOS within ``max_new_tokens``.
-        completions: the decoded responses (EOS stripped), one per row.
-    """
-
-    batch: TokenBatch
-    ended: Tensor
-    completions: list[Completion]
+    batch: TokenBatch  # the prompt + sampled response tokens.
+    ended: Tensor  # ``(B,)`` bool, the response ended with EOS within ``max_new_tokens``.
+    completions: list[Completion]  # the decoded responses (EOS stripped), one per row.
 
 
 class PolicyOutput(NamedTuple):
-    """Per-token statistics of given responses under a policy at a temperature.
+    """Per-token statistics of given responses under a policy at a temperature."""
 
-    Attributes:
-        logprobs: ``(B, R)`` ``log π(y_t | x, y_<t)`` of ``softmax(logits / T)``; 0 on padding.
-        entropy: ``(B, R)`` entropy of ``softmax(logits / T)``; 0 on padding.
-        logits: ``(B, R, V)`` the tempered logits, only when asked for (the ``full`` KL needs them).
-    """
-
-    logprobs: Tensor
-    entropy: Tensor
+    logprobs: Tensor  # ``(B, R)`` ``log π(y_t | x, y_<t)`` of ``softmax(logits / T)``; 0 on padding.
+    entropy: Tensor  # ``(B, R)`` entropy of ``softmax(logits / T)``; 0 on padding.
+    # ``(B, R, V)`` the tempered logits, only when asked for (the ``full`` KL needs them).
     logits: Tensor | None = None
-
-
-# --------------------------------------------------------------------------------------------
-# Capabilities, declared at registration
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, kw_only=True)
 class Needs:
     """What a component needs from the stage, declared when it registers
-    (``register(name, factory, needs=Needs(values=True))``) and read without building it.
+    (``register(name, factory, needs=Needs(values=True))``) and read without building it."""
 
-    Attributes:
-        values: an advantage estimator needs a value model (``gae``); critic-free ones build none.
-        logits: a KL estimator needs both models' full-vocabulary logits (``full``).
-        greedy_baseline: an advantage estimator needs the reward of the greedy response to each
-            prompt in ``AdvantageInput.baseline`` (ReMax).
-        min_samples_per_prompt: smallest valid ``rollout.samples_per_prompt``.
-        default_samples_per_prompt: ``rollout.samples_per_prompt`` when the recipe leaves it null.
-        stateful: the component implements :class:`~instructrl.core.protocols.Stateful`; its state
-            is saved in checkpoints and restored on resume.
-        always_on: a logger that every stage gets whatever the ``loggers`` list says (``csv``:
-            ``metrics.csv`` is what reports and sweeps read).
-    """
-
-    values: bool = False
-    logits: bool = False
+    values: bool = False  # an advantage estimator needs a value model (``gae``); critic-free ones build none.
+    logits: bool = False  # a KL estimator needs both models' full-vocabulary logits (``full``).
+    # an advantage estimator needs the reward of the greedy response to each prompt in
+    # ``AdvantageInput.baseline`` (ReMax).
     greedy_baseline: bool = False
-    min_samples_per_prompt: int = 1
-    default_samples_per_prompt: int = 1
+    min_samples_per_prompt: int = 1  # smallest valid ``rollout.samples_per_prompt``.
+    default_samples_per_prompt: int = 1  # ``rollout.samples_per_prompt`` when the recipe leaves it null.
+    # the component implements :class:`~instructrl.core.protocols.Stateful`; its state is saved in checkpoints
+    # and restored on resume.
     stateful: bool = False
+    # a logger that every stage gets whatever the ``loggers`` list says (``csv``: ``metrics.csv`` is what
+    # reports and sweeps read).
     always_on: bool = False
 
     def __post_init__(self) -> None:
@@ -241,81 +178,50 @@ class Needs:
             )
 
 
-# --------------------------------------------------------------------------------------------
-# One input per kind
-# --------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True, kw_only=True)
 class KLInput:
-    """Inputs of a KL estimator. ``Δ = logprobs − ref_logprobs``.
+    """Inputs of a KL estimator. ``Δ = logprobs − ref_logprobs``."""
 
-    Attributes:
-        logprobs: ``(B, R)`` log π of the sampled tokens.
-        ref_logprobs: ``(B, R)`` log π_ref of the same tokens.
-        mask: ``(B, R)`` float response mask (the caller multiplies the estimate by it).
-        logits: ``(B, R, V)`` tempered policy logits (only for estimators declaring ``logits``).
-        ref_logits: ``(B, R, V)`` tempered reference logits (idem).
-    """
-
-    logprobs: Tensor
-    ref_logprobs: Tensor
-    mask: Tensor | None = None
+    logprobs: Tensor  # ``(B, R)`` log π of the sampled tokens.
+    ref_logprobs: Tensor  # ``(B, R)`` log π_ref of the same tokens.
+    mask: Tensor | None = None  # ``(B, R)`` float response mask (the caller multiplies the estimate by it).
+    # ``(B, R, V)`` tempered policy logits (only for estimators declaring ``logits``).
     logits: Tensor | None = None
-    ref_logits: Tensor | None = None
+    ref_logits: Tensor | None = None  # ``(B, R, V)`` tempered reference logits (idem).
 
 
 @dataclass(frozen=True, kw_only=True)
 class TransformInput:
-    """What a reward transform sees: the sequence scores and everything known about the rollout.
+    """What a reward transform sees: the sequence scores and everything known about the rollout."""
 
-    Attributes:
-        scores: ``(B,)`` the current sequence scores (output of the previous transform).
-        prompts: the ``B`` prompts (repeated for several samples of a prompt).
-        completions: the ``B`` decoded responses.
-        ended: ``(B,)`` bool, the response ended with EOS.
-        lengths: ``(B,)`` long, response lengths in tokens (EOS included).
-        group_ids: ``(B,)`` long; samples of the same prompt share an id.
-        max_new_tokens: the rollout's token budget.
-        iteration: the RL iteration (0-based).
-        is_baseline: the batch is a baseline (ReMax's greedy responses), not the rollout: a
-            stateful transform must not update its statistics on it.
-    """
-
-    scores: Tensor
-    prompts: Sequence[Prompt]
-    completions: Sequence[Completion]
-    ended: Tensor
-    lengths: Tensor
-    group_ids: Tensor
-    max_new_tokens: int
-    iteration: int = 0
+    scores: Tensor  # ``(B,)`` the current sequence scores (output of the previous transform).
+    prompts: Sequence[Prompt]  # the ``B`` prompts (repeated for several samples of a prompt).
+    completions: Sequence[Completion]  # the ``B`` decoded responses.
+    ended: Tensor  # ``(B,)`` bool, the response ended with EOS.
+    lengths: Tensor  # ``(B,)`` long, response lengths in tokens (EOS included).
+    group_ids: Tensor  # ``(B,)`` long; samples of the same prompt share an id.
+    max_new_tokens: int  # the rollout's token budget.
+    iteration: int = 0  # the RL iteration (0-based).
+    # the batch is a baseline (ReMax's greedy responses), not the rollout: a stateful transform must not
+    # update its statistics on it.
     is_baseline: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
 class AdvantageInput:
-    """The one input every advantage estimator takes.
+    """The one input every advantage estimator takes."""
 
-    Attributes:
-        rewards: ``(B, R)`` per-token rewards (the sequence score sits on the last real token; a KL
-            penalty, if placed in the reward, on every token). Zero on padding.
-        values: ``(B, R)`` value estimates, or ``None`` for critic-free estimators.
-        mask: ``(B, R)`` float response mask.
-        group_ids: ``(B,)`` long; samples of the same prompt share an id.
-        baseline: ``(B,)`` per-sequence baseline (ReMax: the greedy response's shaped reward), or
-            ``None`` unless the estimator declares ``greedy_baseline``.
-        scores: ``(B,)`` the shaped sequence scores (without the KL penalty).
-        iteration: the RL iteration (0-based).
-    """
-
+    # ``(B, R)`` per-token rewards (the sequence score sits on the last real token; a KL penalty, if placed in
+    # the reward, on every token). Zero on padding.
     rewards: Tensor
-    values: Tensor | None
-    mask: Tensor
-    group_ids: Tensor
+    values: Tensor | None  # ``(B, R)`` value estimates, or ``None`` for critic-free estimators.
+    mask: Tensor  # ``(B, R)`` float response mask.
+    group_ids: Tensor  # ``(B,)`` long; samples of the same prompt share an id.
+    # ``(B,)`` per-sequence baseline (ReMax: the greedy response's shaped reward), or ``None`` unless the
+    # estimator declares ``greedy_baseline``.
     baseline: Tensor | None = None
-    scores: Tensor | None = None
-    iteration: int = 0
+    scores: Tensor | None = None  # ``(B,)`` the shaped sequence scores (without the KL penalty).
+    iteration: int = 0  # the RL iteration (0-based).
 
 
 class AdvantageOutput(NamedTuple):
@@ -327,32 +233,20 @@ class AdvantageOutput(NamedTuple):
 
 @dataclass(frozen=True, kw_only=True)
 class ObjectiveInput:
-    """Inputs of a policy objective, for one micro-batch.
+    """Inputs of a policy objective, for one micro-batch."""
 
-    Attributes:
-        logprobs: ``(B, R)`` current log π (requires grad).
-        old_logprobs: ``(B, R)`` log π at rollout time.
-        advantages: ``(B, R)``.
-        mask: ``(B, R)`` float response mask.
-        entropy: ``(B, R)`` current entropy (requires grad).
-        ref_logprobs: ``(B, R)`` log π_ref, or ``None`` when the run has no reference forward.
-        group_ids: ``(B,)`` long; samples of the same prompt share an id.
-        values: ``(B, R)`` rollout-time values, or ``None`` without a critic.
-        returns: ``(B, R)`` value targets, or ``None`` without a critic.
-        iteration: the RL iteration (0-based); ``progress``: ``iteration / iterations`` in [0, 1).
-    """
-
-    logprobs: Tensor
-    old_logprobs: Tensor
-    advantages: Tensor
-    mask: Tensor
-    entropy: Tensor | None = None
+    logprobs: Tensor  # ``(B, R)`` current log π (requires grad).
+    old_logprobs: Tensor  # ``(B, R)`` log π at rollout time.
+    advantages: Tensor  # ``(B, R)``.
+    mask: Tensor  # ``(B, R)`` float response mask.
+    entropy: Tensor | None = None  # ``(B, R)`` current entropy (requires grad).
+    # ``(B, R)`` log π_ref, or ``None`` when the run has no reference forward.
     ref_logprobs: Tensor | None = None
-    group_ids: Tensor | None = None
-    values: Tensor | None = None
-    returns: Tensor | None = None
-    iteration: int = 0
-    progress: float = 0.0
+    group_ids: Tensor | None = None  # ``(B,)`` long; samples of the same prompt share an id.
+    values: Tensor | None = None  # ``(B, R)`` rollout-time values, or ``None`` without a critic.
+    returns: Tensor | None = None  # ``(B, R)`` value targets, or ``None`` without a critic.
+    iteration: int = 0  # the RL iteration (0-based).
+    progress: float = 0.0  # ``iteration / iterations``, in [0, 1).
 
 
 class LossOutput(NamedTuple):
@@ -369,22 +263,14 @@ class LossOutput(NamedTuple):
 
 @dataclass(frozen=True, kw_only=True)
 class ControllerInput:
-    """What a KL controller observes after each iteration.
+    """What a KL controller observes after each iteration."""
 
-    Attributes:
-        kl: ``(B,)`` per-sequence KL (nats, summed over tokens) of this process's rollouts.
-        mean_kl: the mean per-sequence KL over all processes (what ``kl/value`` logs).
-        scores: ``(B,)`` shaped sequence scores (without the KL penalty).
-        n_episodes: episodes of the iteration over all processes.
-        iteration: the RL iteration (0-based); ``iterations``: the run's total.
-    """
-
-    kl: Tensor
-    mean_kl: float
-    scores: Tensor
-    n_episodes: int
-    iteration: int
-    iterations: int
+    kl: Tensor  # ``(B,)`` per-sequence KL (nats, summed over tokens) of this process's rollouts.
+    mean_kl: float  # the mean per-sequence KL over all processes (what ``kl/value`` logs).
+    scores: Tensor  # ``(B,)`` shaped sequence scores (without the KL penalty).
+    n_episodes: int  # episodes of the iteration over all processes.
+    iteration: int  # the RL iteration (0-based).
+    iterations: int  # the run's total iterations.
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -393,47 +279,28 @@ class ExtraLossInput:
 
     The loss it returns must already be multiplied by ``share`` (or computed on its ``micro_index``
     part of a per-step batch) so that the micro-batch losses of one minibatch sum to the
-    whole-minibatch loss: the gradient is then exact under gradient accumulation.
+    whole-minibatch loss: the gradient is then exact under gradient accumulation."""
 
-    Attributes:
-        batch: the micro-batch of rollout sequences (a TokenBatch).
-        output: the policy's output on ``batch`` (logprobs / entropy with grad).
-        policy: the policy being trained (call ``policy.lm_loss`` etc. for other text).
-        reference: the frozen reference policy, or ``None`` when the run has none.
-        task: the Task (pretraining text, demonstrations, prompts).
-        step: the optimiser step (0-based, global over the run).
-        iteration: the RL iteration (0-based).
-        micro_index / micro_count: this micro-batch's index in its minibatch, and how many there are.
-        share: this micro-batch's fraction of the minibatch's sequences (the shares sum to 1).
-        minibatch_tokens: real response tokens in the whole minibatch (for exact token means).
-    """
-
-    batch: TokenBatch
-    output: PolicyOutput
-    policy: Policy
-    reference: Policy | None
-    task: Task
-    step: int
-    iteration: int = 0
-    micro_index: int = 0
-    micro_count: int = 1
-    share: float = 1.0
-    minibatch_tokens: int = 0
+    batch: TokenBatch  # the micro-batch of rollout sequences (a TokenBatch).
+    output: PolicyOutput  # the policy's output on ``batch`` (logprobs / entropy with grad).
+    policy: Policy  # the policy being trained (call ``policy.lm_loss`` etc. for other text).
+    reference: Policy | None  # the frozen reference policy, or ``None`` when the run has none.
+    task: Task  # the Task (pretraining text, demonstrations, prompts).
+    step: int  # the optimiser step (0-based, global over the run).
+    iteration: int = 0  # the RL iteration (0-based).
+    micro_index: int = 0  # this micro-batch's index in its minibatch.
+    micro_count: int = 1  # micro-batches in the minibatch.
+    share: float = 1.0  # this micro-batch's fraction of the minibatch's sequences (the shares sum to 1).
+    minibatch_tokens: int = 0  # real response tokens in the whole minibatch (for exact token means).
 
 
 @dataclass(frozen=True, kw_only=True)
 class RewardInput:
-    """What a reward model scores.
+    """What a reward model scores."""
 
-    Attributes:
-        prompts: the ``B`` prompts (one per row; repeated for several samples of a prompt).
-        completions: the ``B`` decoded responses.
-        batch: the same rows as tokens (for models that read tokens).
-    """
-
-    prompts: Sequence[Prompt]
-    completions: Sequence[Completion]
-    batch: TokenBatch
+    prompts: Sequence[Prompt]  # the ``B`` prompts (one per row; repeated for several samples of a prompt).
+    completions: Sequence[Completion]  # the ``B`` decoded responses.
+    batch: TokenBatch  # the same rows as tokens (for models that read tokens).
 
 
 def scalar(x: float | Tensor) -> Tensor:

@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from instructrl.core import registry as registry_module
+from instructrl.core.discovery import protocol_problem
 from instructrl.core.errors import ConfigError, PluginError
 from instructrl.core.plugin_api import (
     AdvantageInput,
@@ -32,7 +33,7 @@ from instructrl.core.plugin_api import (
     TransformInput,
     hookimpl,
 )
-from instructrl.core.registry import KINDS, BuildContext, make_registry, protocol_problem
+from instructrl.core.registry import KINDS, BuildContext, make_registry
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 EXAMPLE = re.compile(r"<!-- example: (\w+) -->\n```python\n(.*?)\n```", re.S)

@@ -248,6 +248,11 @@ class EvalModule(pl.LightningModule):
     ) -> list[Prompt]:
         return batch  # a list of Prompt (strings); tokenized inside test_step
 
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(
+            {k: float(v) for k, v in self.results().items()}, sync_dist=False
+        )  # → RUN/eval/metrics.csv
+
     def results(self) -> dict[str, float]:
         out = {str(summary_name(k)): float(m.compute()) for k, m in self.means.items()}
         out["eval/n_prompts"] = int(self.count.compute())

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import lightning.pytorch as pl
 import torch
-from instructrl.core.config import Recipe
+from instructrl.core.config import Choice, Recipe
 from instructrl.core.errors import ConfigError, RunFailure
 from instructrl.core.fields import param, positive, to_plain
 from instructrl.core.hookspecs import hookimpl
@@ -203,11 +203,16 @@ def build_components(ctx: StageContext) -> tuple[RLComponents, list[tuple[str, S
         task, policy, reference, value, reward, transforms, ctx.build("kl.estimator"), ctx.build("kl.controller"),
         ctx.build("advantage"), ctx.build("objective"), extra,
     )  # fmt: skip
+    # Checkpointed state: the KL controller always, and every component declaring Needs(stateful=True),
+    # keyed by kind and recipe position (recipe.derived.stateful lists the same for --dry-run).
+    ch = recipe.choice
+    pairs: list[tuple[Choice, object]] = [
+        (ch("task"), task), (ch("policy"), policy), (ch("value"), value), (ch("reward"), reward),
+        (ch("kl.estimator"), comps.kl_estimator), (ch("advantage"), comps.advantage), (ch("objective"), comps.objective),
+        *zip(recipe.transforms, [t for _, t in transforms]), *zip(recipe.extra_losses, [e for _, e in extra]),
+    ]  # fmt: skip
     stateful: list[tuple[str, Stateful]] = [("kl_controller", comps.kl_controller)]
-    stateful += [(f"reward_transforms[{i}]", t) for i, ((_, t), c) in enumerate(zip(transforms, recipe.transforms)) if reg.needs(c.kind, c.name).stateful]  # fmt: skip
-    stateful += [
-        (name, e) for (name, e), c in zip(extra, recipe.extra_losses) if reg.needs(c.kind, c.name).stateful
-    ]
+    stateful += [(f"{c.kind}@{c.path}", obj) for c, obj in pairs if obj is not None and reg.needs(c.kind, c.name).stateful]  # type: ignore[misc]  # fmt: skip
     return comps, stateful
 
 
