@@ -11,6 +11,7 @@ from instructrl.core.errors import ConfigError
 from instructrl.core.fields import validate
 from instructrl.core.types import Completion, Prompt, Ranking
 from instructrl.plugins.tasks.world import (
+    CHATTY_LINES,
     DEMO_FLAWS,
     KINDS,
     GoldJudge,
@@ -342,15 +343,7 @@ def test_each_demonstration_flaw_is_what_its_label_says():
             assert line != answer and credit < 1.0
             assert levenshtein(line, answer) == 1  # one item swapped or dropped, or a count ± 1
         if "\n" in d.response:
-            assert d.response.split("\n", 1)[1] in (
-                "hope this helps",
-                "glad to help",
-                "here you go",
-                "have fun",
-                "any time",
-                "all done",
-                "easy one",
-            )
+            assert d.response.split("\n", 1)[1] in CHATTY_LINES
 
 
 def test_content_flaw_helpers_by_hand():
