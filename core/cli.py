@@ -128,6 +128,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             print(f"  {r['name']:<22} {r['package']:<16} {r['description']}")
         if not specs:
             print("  (none)")
+    print("plugins (names for INSTRUCTRL_DISABLE_PLUGINS)")
+    for plugin, package in sorted({(r["plugin"], r["package"]) for r in rows}):
+        print(f"  {plugin:<38} {package}")
     if broken:
         print("broken plugins (left out)")
         for b in broken:
