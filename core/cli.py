@@ -9,7 +9,11 @@
     instructrl report SWEEP_DIR [--metric NAME ...] [--baseline KEY=V,...]          (command plugin: plugins/commands/)
     instructrl <command> ...   (any command a plugin registers through ``register_commands``)
 
-Exit codes: 0 success · 1 a failure while running (named) · 2 bad input · 130 interrupted.
+Exit codes: 0 success · 1 a failure while running (named; an unwritable or full run dir names the
+path) · 2 bad input (also: a ``--resume`` that would change the run, nothing to resume, a run dir
+locked by a live run) · 130 stopped by SIGINT (Ctrl-C) · 143 stopped by SIGTERM. On either signal
+``instructrl run`` finishes the current optimiser step, writes a checkpoint, marks the run
+interrupted and prints the ``--resume`` command; a second signal stops at once.
 """
 
 from __future__ import annotations
@@ -29,6 +33,12 @@ from typing import Any
 from .errors import InstructrlError, UserInputError
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_TERMINATED = 143  # SIGTERM (128 + 15)
+EXIT_CODES_HELP = (
+    "exit codes: 0 success, 1 failure while running, 2 bad input (incl. a refused --resume or a locked "
+    "run dir), 130 stopped by SIGINT, 143 stopped by SIGTERM (a checkpoint is written first; resume "
+    "with --resume)"
+)
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]-]*=")
 
 
@@ -44,7 +54,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="instructrl", description="InstructGPT-style RLHF: recipes, plugins, sweeps.")
+    p = Parser(
+        prog="instructrl",
+        description="InstructGPT-style RLHF: recipes, plugins, sweeps.",
+        epilog=EXIT_CODES_HELP,
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
@@ -153,6 +167,22 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """What the run would say about ``--run-dir`` (``--dry-run`` included), before anything else:
+    a file is not a run dir, and a non-empty dir needs ``--resume`` or ``--overwrite``. Only the
+    process that writes the run dir checks (DDP workers re-run this command after rank 0 wrote it)."""
+    from .io import is_global_zero
+
+    if not is_global_zero():
+        return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ArgumentError(f"--run-dir: {run_dir} exists and is not a directory")
+    if run_dir.is_dir() and not (resume or overwrite) and any(run_dir.iterdir()):
+        raise ArgumentError(
+            f"--run-dir: {run_dir} exists and is not empty; pass --resume to continue it or --overwrite to replace it"
+        )
+
+
 def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .api import describe
     from .config import load_recipe
@@ -165,8 +195,9 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     overrides = list(args.overrides)
     if args.quiet:
         overrides.insert(0, "trainer.enable_progress_bar=false")
-    recipe = load_recipe(args.recipe, overrides, smoke=args.smoke)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.recipe)
+    check_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
+    recipe = load_recipe(args.recipe, overrides, smoke=args.smoke)
     if args.dry_run:
         info = describe(recipe, run_dir, use_cache=not args.no_cache)
         print(json.dumps(info, indent=2, default=str) if args.json else format_dry_run(info))
@@ -271,8 +302,36 @@ def quiet_libraries(verbose: bool = False) -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
+def resume_command(argv: Sequence[str], run_dir: str | os.PathLike[str]) -> str:
+    """The command line that resumes the interrupted ``instructrl run`` of ``argv``: the same
+    recipe and overrides, ``--run-dir DIR --resume`` (no ``--overwrite``)."""
+    import shlex
+
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--run-dir":
+            skip = True
+            continue
+        if a.startswith("--run-dir=") or a in ("--overwrite", "--resume", "--dry-run"):
+            continue
+        out.append(a)
+    return shlex.join(["instructrl", *out, "--run-dir", os.fspath(run_dir), "--resume"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the launcher with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    """Run the launcher with ``argv`` (default: ``sys.argv[1:]``); return the exit code.
+
+    Exit codes: 0 success; 1 a failure while running (the message names the stage, or the path
+    that could not be written); 2 bad input (recipe, overrides, data, a ``--resume`` whose config
+    differs in keys that are not safe to change, nothing to resume, a run dir locked by a live run);
+    130 stopped by SIGINT (Ctrl-C) and 143 stopped by SIGTERM. ``instructrl run`` stops on either
+    signal at the next safe point (the end of the current optimiser step), writes a checkpoint,
+    records ``run/status: interrupted`` and prints the command that resumes it; a second signal
+    stops at once (every file is written atomically, so nothing is left half-written)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
@@ -302,15 +361,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             get_registry()
         if args.command == "run":
-            return cmd_run(args, argv)
+            from .training import install_stop_handlers
+
+            restore = install_stop_handlers()  # SIGINT / SIGTERM: stop at the next safe point
+            try:
+                return cmd_run(args, argv)
+            finally:
+                restore()
         if args.command == "plugins":
             return cmd_plugins(args)
         if args.command == "recipes":
             return cmd_recipes(args)
         return args.handler(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        code = int(getattr(exc, "exit_code", EXIT_INTERRUPTED))
+        name = getattr(exc, "signal_name", "SIGINT")
+        run_dir = getattr(exc, "run_dir", None)
+        if run_dir is None:
+            print(f"interrupted ({name})", file=sys.stderr)
+        else:
+            how = "stopped at once" if getattr(exc, "at_once", False) else "checkpoint written"
+            print(
+                f"interrupted ({name}, {how}): run dir {run_dir}; resume with: {resume_command(argv, run_dir)}",
+                file=sys.stderr,
+            )
+        return code
     except InstructrlError as exc:
         if debug:
             traceback.print_exc()

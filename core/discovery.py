@@ -16,6 +16,7 @@ from typing import Protocol
 import pluggy
 
 from . import hookspecs
+from .errors import did_you_mean
 
 ENTRY_POINT_GROUP = "instructrl"
 DISABLE_AUTOLOAD_ENV = "INSTRUCTRL_DISABLE_PLUGIN_AUTOLOAD"
@@ -32,6 +33,8 @@ class BrokenPlugin:
     error: str
 
     def message(self) -> str:
+        if self.error.startswith(DISABLE_ENV):
+            return self.error
         return f"{self.error} (skip it with {DISABLE_ENV}={self.plugin})"
 
 
@@ -156,6 +159,15 @@ def make_plugin_manager(
             continue
         if name is not None:
             packages[name] = package_of(plugin)
+    unknown = skip - set(DEFAULT_PLUGINS)
+    known = (
+        {*DEFAULT_PLUGINS, *(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))}
+        if unknown
+        else set()
+    )
+    for name in sorted(unknown - known):  # a typo would silently disable nothing
+        hint = did_you_mean(name, known)
+        broken.append(BrokenPlugin(name, "-", f"{DISABLE_ENV}: no plugin named '{name}'{hint}"))
     return pm, packages, broken
 
 

@@ -1,13 +1,19 @@
-"""Files a run writes: atomic JSON, and which process writes them."""
+"""Files a run writes: every file is written atomically (temp file, fsync, rename), and which
+process writes them."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
+
+from . import faults
 
 
 def is_global_zero() -> bool:
@@ -17,15 +23,78 @@ def is_global_zero() -> bool:
     return int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
 
 
+TMP_MARK = ".tmp-"
+_STALE_TMP = re.compile(r".+\.tmp-\d+$")
+
+
+def temp_path(path: str | os.PathLike[str]) -> Path:
+    """``<path>.tmp-<pid>``: where :func:`atomic_write` (and the checkpoint writer) build ``path``."""
+    return Path(f"{os.fspath(path)}{TMP_MARK}{os.getpid()}")
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory, so a rename inside it survives a power cut (best effort)."""
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
+    """An open binary file that becomes ``path`` only when the block ends without an exception:
+    written to ``<path>.tmp-<pid>`` in the same directory, flushed, fsync'ed, renamed, the
+    directory fsync'ed. On any exception (a full disk, a second Ctrl-C) the temporary file is
+    removed and ``path`` is untouched. Counts as one durable write for ``$INSTRUCTRL_FAULT_ENOSPC``."""
+    path = Path(path)
+    faults.before_write(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_file`)."""
+    with atomic_file(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+def clean_stale_temps(root: str | os.PathLike[str]) -> list[Path]:
+    """Remove the ``*.tmp-<pid>`` files a killed writer left under ``root`` (not following
+    symlinks); returns them."""
+    removed = []
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if _STALE_TMP.match(name):
+                p = Path(dirpath) / name
+                with suppress(OSError):
+                    p.unlink()
+                    removed.append(p)
+    return removed
+
+
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file in the same directory, then rename); rank 0 only."""
+    """Write JSON atomically (:func:`atomic_write`); rank 0 only."""
     if not is_global_zero():
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True, default=float))
 
 
 def read_json(path: Path) -> dict[str, Any]:

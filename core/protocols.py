@@ -73,7 +73,9 @@ class Policy(Protocol):
         """Sample responses to left-padded prompts ``(B, P)``.
 
         Sampling is from ``softmax(logits / temperature)`` over the full vocabulary (no top-k/top-p).
-        Tokens after EOS are padding. Returns a :class:`Generation` whose batch is ``(B, P + R)``.
+        Tokens after EOS are padding. Returns a :class:`Generation` whose batch is ``(B, P + R)``;
+        a sampler may also fill ``Generation.logprobs`` (fp32, at ``temperature``, from the sampling
+        pass): an on-policy fp32 RL update then uses them as the old logprobs instead of a forward.
         """
 
     def forward(self, batch: TokenBatch, *, temperature: float, return_logits: bool = False) -> PolicyOutput:

@@ -21,20 +21,22 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
 
+from . import faults
 from .config import Recipe, stable_hash
 from .errors import ConfigError, InstructrlError, RunFailure, one_of
 from .fields import model_path_fields
-from .io import is_global_zero, read_json, write_json
+from .io import atomic_write, clean_stale_temps, is_global_zero, read_json, write_json
 from .models import require_model_dir
 from .protocols import Stage
-from .training import MODEL_SUBDIR, StageContext
+from .training import CHECKPOINT_SUBDIR, LAST_CHECKPOINT, MODEL_SUBDIR, Interrupted, StageContext, check_stop
 
 CACHE_ENV = "INSTRUCTRL_CACHE_DIR"
 COMPLETE = "complete.json"
@@ -263,30 +265,153 @@ def provenance(recipe: Recipe, argv: list[str] | None) -> dict[str, Any]:
     }
 
 
+LOCK_FILE = ".instructrl.lock"
+CONFIG_FILE = "config.yaml"
+SAFE_RESUME_KEYS = (
+    "rl.iterations",
+    "eval",
+    "loggers",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "description",
+)
+"""Keys a ``--resume`` may change (``rl.iterations`` extends a run); any other difference is refused."""
+_RUN_RECORDS = ("provenance", "resume_history")
+
+
+def _contents(run_dir: Path) -> list[Path]:
+    return [p for p in run_dir.iterdir() if p.name != LOCK_FILE] if run_dir.is_dir() else []
+
+
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Create the run dir; a non-empty existing dir needs ``resume`` or ``overwrite``."""
+    """Check the run dir (read only): a non-empty existing dir needs ``resume`` or ``overwrite``."""
     if not is_global_zero():
         return
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--run-dir: {run_dir} exists and is not a directory")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        if overwrite:
-            shutil.rmtree(run_dir)
-        elif not resume:
-            raise ConfigError(
-                f"--run-dir: {run_dir} exists and is not empty; pass --resume to continue it or --overwrite to replace it"
-            )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if _contents(run_dir) and not (resume or overwrite):
+        raise ConfigError(
+            f"--run-dir: {run_dir} exists and is not empty; pass --resume to continue it or --overwrite to replace it"
+        )
 
 
-def write_config(run_dir: Path, recipe: Recipe, argv: list[str] | None) -> None:
-    """``config.yaml``: the resolved recipe (loadable as a recipe) plus provenance."""
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _safe(key: str) -> bool:
+    return any(key == s or key.startswith(s + ".") for s in SAFE_RESUME_KEYS)
+
+
+def check_resume(run_dir: Path, recipe: Recipe) -> dict[str, list[Any]]:
+    """Compare the resolved recipe with the run's ``config.yaml`` before anything is written:
+    ``{key: [saved, new]}`` of the differing keys when only :data:`SAFE_RESUME_KEYS` differ; a
+    :class:`ConfigError` (exit 2) listing the others, or saying there is nothing to resume."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"--resume: nothing to resume in {run_dir} (no {CONFIG_FILE}); "
+            "start a fresh run without --resume (or pass --overwrite to replace the directory)"
+        )
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as exc:
+        raise ConfigError(f"--resume: {path} cannot be read ({type(exc).__name__}: {exc})") from None
+    assert isinstance(saved, dict)
+    new = recipe.plain()
+    new["extends"] = None
+    for key in _RUN_RECORDS:
+        saved.pop(key, None)
+        new.pop(key, None)
+    old_flat, new_flat = _flat(saved), _flat(new)
+    missing = object()
+    changed = {
+        k: [old_flat.get(k), new_flat.get(k)]
+        for k in sorted(set(old_flat) | set(new_flat))
+        if old_flat.get(k, missing) != new_flat.get(k, missing)
+    }
+    refused = [k for k in changed if not _safe(k)]
+    if refused:
+        shown = ", ".join(f"{k} ({changed[k][0]!r} → {changed[k][1]!r})" for k in refused[:12])
+        more = f" and {len(refused) - 12} more" if len(refused) > 12 else ""
+        raise ConfigError(
+            f"--resume: the config differs from {path} in {shown}{more}; a resume may change only "
+            f"{', '.join(SAFE_RESUME_KEYS)} (give the run's original recipe and overrides, or start a new --run-dir)"
+        )
+    return changed
+
+
+def write_config(
+    run_dir: Path, recipe: Recipe, argv: list[str] | None, resumed: dict[str, list[Any]] | None = None
+) -> None:
+    """``config.yaml``: the resolved recipe (loadable as a recipe) plus provenance; on a resume, the
+    first run's provenance is kept and a record is appended to ``resume_history`` (when, the
+    command, the safe keys that changed)."""
     if not is_global_zero():
         return
     data = recipe.plain()
     data["extends"] = None
-    data["provenance"] = provenance(recipe, argv)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(data)))
+    path = run_dir / CONFIG_FILE
+    if resumed is not None and path.is_file():
+        saved = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        assert isinstance(saved, dict)
+        data["provenance"] = saved.get("provenance") or provenance(recipe, argv)
+        history = list(saved.get("resume_history") or [])
+        history.append(
+            {
+                "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "command": " ".join(argv) if argv else None,
+                "changed": resumed,
+            }
+        )
+        data["resume_history"] = history
+    else:
+        data["provenance"] = provenance(recipe, argv)
+    atomic_write(path, OmegaConf.to_yaml(OmegaConf.create(data)))
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``RUN/.instructrl.lock`` for the run (creating the run dir); a live run holding it
+    already is a :class:`ConfigError` naming it (exit 2). Rank 0 only."""
+    if not is_global_zero():
+        yield
+        return
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(
+            f"--run-dir: {run_dir} is in use by another live run (it holds {run_dir / LOCK_FILE}); "
+            "wait for it to end, or choose another --run-dir"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+        if not _contents(run_dir):  # the run wrote nothing (refused, a full disk): leave no trace
+            with suppress(OSError):
+                (run_dir / LOCK_FILE).unlink()
+                if created:
+                    run_dir.rmdir()
+
+
+def _clear(run_dir: Path) -> None:
+    """Remove everything in the run dir but the lock (``--overwrite``)."""
+    for p in _contents(run_dir):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def _link(run_dir: Path, name: str, target: Path) -> None:
@@ -308,8 +433,12 @@ def execute(
     use_cache: bool = True,
     argv: list[str] | None = None,
     log: Callable[[str], None] = print,
+    rerun: bool = False,
 ) -> dict[str, Any]:
-    """Run the plan; returns the flat summary (also written to ``summary.json``)."""
+    """Run the plan; returns the flat summary (also written to ``summary.json``). On a resume,
+    stages recorded complete are kept unless ``rerun`` (a resume that changed safe keys: the run's
+    own stages run again from their last checkpoints, e.g. RL on to more iterations). A stop on a
+    signal is honoured between stages."""
     impls = recipe.registry.stages()
     start = time.perf_counter()
     summary: dict[str, Any] = {"run/status": "running", "run/seed": recipe.seed}
@@ -321,6 +450,7 @@ def execute(
         summary.update({k: v for k, v in previous.items() if not k.startswith("run/")})
     # Stages are planned one at a time: a stage built by a concurrent run becomes a cache hit.
     for name in [s.name for s in make_plan(recipe, run_dir, use_cache=use_cache)]:
+        check_stop()
         sp = next(s for s in make_plan(recipe, run_dir, use_cache=use_cache) if s.name == name)
         t0 = time.perf_counter()
         if sp.status == "skipped":
@@ -336,13 +466,16 @@ def execute(
             _link(run_dir, name, sp.dir)
         else:
             done = sp.dir / COMPLETE
-            if resume and done.is_file():
+            if resume and done.is_file() and not rerun:
                 ran = False
                 log(f"[{name}] already complete in {sp.dir}")
                 result = read_json(done)
             else:
                 log(f"[{name}] running → {sp.dir}")
+                if is_global_zero() and sp.dir.is_dir():
+                    clean_stale_temps(sp.dir)
                 result = run_stage(impls[name], ctx)
+                faults.kill_point(f"stage:{name}:done")
                 write_json(done, result)
         paths[name] = str(sp.output)
         summary.update(result)
@@ -350,18 +483,21 @@ def execute(
             summary[f"time/{name}_s"] = round(time.perf_counter() - t0, 2)
         summary["time/total_s"] = round(time.perf_counter() - start, 2)
         write_json(summary_path, summary)
-    summary["run/status"] = "completed"
+    summary["run/status"] = "completed"  # (a stop asked for during the last stage: it finished)
     summary["time/total_s"] = round(time.perf_counter() - start, 2)
     write_json(summary_path, summary)
     return summary
 
 
 def run_stage(impl: Stage, ctx: StageContext) -> dict[str, Any]:
-    """Run one stage; an unexpected exception becomes a RunFailure naming the stage."""
+    """Run one stage; an unexpected exception becomes a RunFailure naming the stage (an OSError:
+    the path it could not write)."""
     try:
         return impl.run(ctx)
     except (InstructrlError, KeyboardInterrupt):
         raise
+    except OSError as exc:
+        raise RunFailure(f"{ctx.name} stage failed: {_os_message(exc)}") from exc
     except Exception as exc:
         raise RunFailure(
             f"{ctx.name} stage failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -384,16 +520,25 @@ def _cached_stage(
         if done.is_file():  # another run built it while we waited
             log(f"[{sp.name}] cached (built by a concurrent run): {entry}")
             return read_json(done)
-        if entry.exists():
-            shutil.rmtree(entry)  # an unfinished build
-        entry.mkdir(parents=True)
-        log(f"[{sp.name}] running → {entry}")
+        # An unfinished build (no complete.json: killed, interrupted): --resume continues it from its
+        # checkpoint; otherwise it is rebuilt from scratch.
+        if entry.exists() and ctx.resume and (entry / CHECKPOINT_SUBDIR / LAST_CHECKPOINT).is_file():
+            clean_stale_temps(entry)
+            log(f"[{sp.name}] resuming the unfinished build → {entry}")
+        else:
+            if entry.exists():
+                shutil.rmtree(entry)
+            entry.mkdir(parents=True)
+            log(f"[{sp.name}] running → {entry}")
         try:
             result = run_stage(impl, ctx)
+        except KeyboardInterrupt:
+            raise  # stopped after a checkpoint (or at once): kept for --resume, never taken as finished
         except BaseException:
             shutil.rmtree(entry, ignore_errors=True)
             raise
-        write_json(done, result)
+        faults.kill_point(f"stage:{sp.name}:done")
+        write_json(done, result)  # last, atomically: the entry is complete only once this exists
         return result
 
 
@@ -407,30 +552,71 @@ def run_recipe(
     argv: list[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Prepare the run dir, write ``config.yaml``, execute; failures are recorded in ``summary.json``."""
+    """Check the run dir and, on a resume, the config (nothing is written before both pass), take
+    the run dir's lock, write ``config.yaml``, execute; failures and interruptions are recorded in
+    ``summary.json``. A run dir that cannot be written is a :class:`RunFailure` naming the path."""
     plan = make_plan(recipe, run_dir, use_cache=use_cache)
     check_paths(recipe, plan)
     prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    write_config(run_dir, recipe, argv)
+    changed = check_resume(run_dir, recipe) if resume and is_global_zero() else None
     try:
-        return execute(recipe, run_dir, resume=resume, use_cache=use_cache, argv=argv, log=log)
-    except KeyboardInterrupt:
-        _mark(run_dir, "interrupted", "interrupted")
+        with run_lock(run_dir):
+            if is_global_zero():
+                if overwrite:
+                    _clear(run_dir)
+                clean_stale_temps(run_dir)
+            write_config(run_dir, recipe, argv, changed)
+            if changed:
+                log(f"resume: changed {', '.join(changed)} (recorded in config.yaml resume_history)")
+            return _execute_marked(recipe, run_dir, resume, use_cache, argv, log, bool(changed))
+    except OSError as exc:
+        raise RunFailure(f"run dir {run_dir}: {_os_message(exc)}") from exc
+
+
+def _execute_marked(
+    recipe: Recipe,
+    run_dir: Path,
+    resume: bool,
+    use_cache: bool,
+    argv: list[str] | None,
+    log: Callable[[str], None],
+    rerun: bool,
+) -> dict[str, Any]:
+    try:
+        return execute(recipe, run_dir, resume=resume, use_cache=use_cache, argv=argv, log=log, rerun=rerun)
+    except KeyboardInterrupt as exc:
+        name = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
+        _mark(run_dir, "interrupted", f"interrupted ({name})")
+        exc.run_dir = str(run_dir)  # type: ignore[attr-defined]  # the launcher prints the resume command
         raise
     except InstructrlError as exc:
         _mark(run_dir, "failed", str(exc))
         raise
+    except OSError as exc:
+        _mark(run_dir, "failed", _os_message(exc))
+        raise RunFailure(f"run failed: {_os_message(exc)}") from exc
     except Exception as exc:
         _mark(run_dir, "failed", f"{type(exc).__name__}: {exc}")
         raise RunFailure(f"run failed: {type(exc).__name__}: {exc}") from exc
 
 
+def _os_message(exc: OSError) -> str:
+    """``cannot write PATH: No space left on device`` (the path the OSError names)."""
+    import errno
+
+    where = f" {exc.filename}" if exc.filename else ""
+    unwritable = exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
+    return f"{'cannot write' if unwritable else 'cannot use'}{where}: {exc.strerror or exc}"
+
+
 def _mark(run_dir: Path, status: str, error: str) -> None:
+    """Record the run's status in ``summary.json`` (best effort: a full disk keeps the last one)."""
     path = run_dir / "summary.json"
-    data = read_json(path) if path.is_file() else {}
-    data["run/status"] = status
-    data["run/error"] = error.splitlines()[0] if error else error
-    write_json(path, data)
+    with suppress(OSError, ValueError):
+        data = read_json(path) if path.is_file() else {}
+        data["run/status"] = status
+        data["run/error"] = error.splitlines()[0] if error else error
+        write_json(path, data)
 
 
 def default_run_dir(recipe_name: str) -> Path:

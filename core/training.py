@@ -1,24 +1,34 @@
-"""What every stage shares: the stage context, the Lightning Trainer factory, seeding, the
-learning-rate schedule, and the one sequence layout — tokenizing prompts, responses and documents,
-sampling and scoring in chunks."""
+"""What every stage shares: the stage context, the Lightning Trainer factory (atomic checkpoint
+writes, the recipe's precision), stopping on SIGINT / SIGTERM at a safe point, resumable
+checkpoints and data order, seeding, the learning-rate schedule, and the one sequence layout —
+tokenizing prompts, responses and documents, sampling and scoring in chunks."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import random
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from . import faults
 from .config import Recipe
 from .errors import DataError
 from .fields import field_for_role
+from .io import atomic_file, clean_stale_temps
 from .registry import BuildContext
 from .types import Completion, Prompt, RewardInput, TokenBatch, join_prompt_response
 
@@ -103,9 +113,17 @@ def devices(recipe: Recipe) -> int:
     return int(n) if isinstance(n, int) and n > 0 else 1
 
 
-def make_trainer(ctx: StageContext, *, callbacks: Sequence[pl.Callback] = (), **kwargs: Any) -> pl.Trainer:
-    """A ``lightning.Trainer`` for a stage: the recipe's ``trainer`` block, its loggers (plus every
-    logger declaring ``always_on``) writing into the stage dir, and the stage's own arguments."""
+def make_trainer(
+    ctx: StageContext,
+    *,
+    callbacks: Sequence[pl.Callback] = (),
+    checkpoint: StageCheckpoint | None = None,
+    **kwargs: Any,
+) -> pl.Trainer:
+    """A ``lightning.Trainer`` for a stage: the recipe's ``trainer`` block and resolved precision,
+    its loggers (plus every logger declaring ``always_on``) writing into the stage dir, atomic
+    checkpoint writes (:class:`AtomicCheckpointIO`), the stage's :class:`StageCheckpoint` if it
+    has one, and the stage's own arguments (``max_steps`` …)."""
     recipe = ctx.recipe
     reg = recipe.registry
     trainer_args: dict[str, Any] = dict(recipe.cfg.trainer)
@@ -122,10 +140,14 @@ def make_trainer(ctx: StageContext, *, callbacks: Sequence[pl.Callback] = (), **
     trainer_args.setdefault("enable_model_summary", False)
     trainer_args.setdefault("num_sanity_val_steps", 0)
     trainer_args.setdefault("log_every_n_steps", 1)
+    trainer_args["precision"] = recipe.derived.precision
+    trainer_args["enable_checkpointing"] = checkpoint is not None
     trainer_args.update(kwargs)
+    cbs = [*callbacks, *([checkpoint] if checkpoint is not None else [])]
     return pl.Trainer(
-        logger=loggers, callbacks=list(callbacks), default_root_dir=str(ctx.stage_dir), **trainer_args
-    )
+        logger=loggers, callbacks=cbs, plugins=[AtomicCheckpointIO()], default_root_dir=str(ctx.stage_dir),
+        **trainer_args,
+    )  # fmt: skip
 
 
 def seed_everything(seed: int) -> None:
@@ -133,12 +155,418 @@ def seed_everything(seed: int) -> None:
     pl.seed_everything(seed, workers=True, verbose=False)
 
 
-def fit(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
-    """``trainer.fit`` that turns Lightning's graceful Ctrl-C handling back into KeyboardInterrupt
-    (so the launcher exits with 130 and the run is marked interrupted, not finished)."""
-    trainer.fit(*args, **kwargs)
+def fit(trainer: pl.Trainer, *args: Any, ckpt_path: str | None = None, **kwargs: Any) -> dict[str, float]:
+    """``trainer.fit`` (resuming from ``ckpt_path`` if given) that turns a stop on a signal into
+    :class:`Interrupted` (so the launcher exits 130 / 143 and marks the run interrupted, not
+    finished); returns the stage's final metrics — those logged now, over those the checkpoint
+    resumed from recorded."""
+    for loader in [*args, *kwargs.values()]:
+        sampler = getattr(loader, "batch_sampler", None)
+        if isinstance(sampler, EpochBatchSampler):
+            sampler.trainer = trainer
+    for logger in trainer.loggers:
+        if ckpt_path is not None and isinstance(getattr(type(logger), "resuming", None), bool):
+            logger.resuming = True  # type: ignore[attr-defined]  # keep metrics.csv's rows
+    try:
+        trainer.fit(*args, ckpt_path=ckpt_path, **kwargs)
+    except _StopNow:
+        raise Interrupted(stop_requested() or signal.SIGINT) from None
     if trainer.interrupted:
-        raise KeyboardInterrupt
+        raise Interrupted(stop_requested() or signal.SIGINT)
+    ckpt = next((c for c in trainer.callbacks if isinstance(c, StageCheckpoint)), None)
+    metrics = dict(ckpt.restored) if ckpt is not None else {}
+    metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Stopping on a signal, atomic checkpoints
+# --------------------------------------------------------------------------------------------
+
+CHECKPOINT_SUBDIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+CHECKPOINTS_PER_STAGE = 10
+"""An upstream stage (pretrain, SFT, RM) checkpoints every epoch and about this many times in all."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT (exit 130) or SIGTERM (exit 143): at the next safe point with a
+    checkpoint, or ``at_once`` on a second signal."""
+
+    def __init__(self, signum: int, at_once: bool = False) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+        self.at_once = at_once
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class _StopNow(BaseException):
+    """Raised by :class:`StageCheckpoint` after the checkpoint of a requested stop is written; not
+    an ``Exception`` so nothing in between swallows it (:func:`fit` turns it into Interrupted)."""
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_requested: int | None = None
+_installed = False
+
+
+def stop_requested() -> int | None:
+    """The signal asking the run to stop at the next safe point, or ``None``."""
+    return _requested
+
+
+def _on_stop_signal(signum: int, frame: object) -> None:
+    global _requested
+    if _requested is None:  # the first: stop at the next safe point
+        _requested = signum
+        return
+    raise Interrupted(signum, at_once=True)  # the second: stop now
+
+
+def install_stop_handlers() -> Callable[[], None]:
+    """Handle SIGINT and SIGTERM: the first asks for a stop at the next safe point (the end of an
+    optimiser step, or between stages), the second stops at once. Returns the function that puts
+    the previous handlers back (a no-op outside the main thread)."""
+    global _installed, _requested
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s in STOP_SIGNALS:
+        signal.signal(s, _on_stop_signal)
+    _installed, _requested = True, None
+
+    def restore() -> None:
+        global _installed, _requested
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _installed, _requested = False, None
+
+    return restore
+
+
+def check_stop() -> None:
+    """Raise :class:`Interrupted` if a stop was requested (between stages)."""
+    if _requested is not None:
+        raise Interrupted(_requested)
+
+
+def _reclaim_sigterm() -> None:
+    """Lightning installs its own SIGTERM handler when training starts; while ours are installed,
+    take SIGTERM back so both signals stop at the same safe point."""
+    if _installed and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_stop_signal)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, written atomically (temporary file in the same directory,
+    fsync, rename: a killed write never leaves a corrupt ``last.ckpt``) and loaded with
+    ``torch.load(..., weights_only=True)`` (no pickled objects)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as f:
+            torch.save(checkpoint, f)
+            faults.checkpoint_write(path, f)
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        return super().load_checkpoint(path, map_location=map_location or _keep_location, weights_only=True)
+
+
+def _keep_location(storage: Any, location: Any) -> Any:
+    return storage
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global random stream (torch CPU and CUDA, python, numpy) as tensors and plain data."""
+    import numpy as np
+
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore :func:`rng_state`."""
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches of a seeded permutation per epoch (``seed``, epoch → order; no random state to carry),
+    this process's share of it, resuming in the middle of an epoch: when the trainer restored a
+    checkpoint taken after ``k`` batches of an epoch, the epoch's iterator starts at batch ``k``.
+    :func:`fit` binds it to its trainer."""
+
+    def __init__(
+        self, n: int, batch_size: int, *, seed: int, shuffle: bool = True, drop_last: bool = False
+    ) -> None:
+        self.n, self.batch_size, self.seed, self.shuffle, self.drop_last = (
+            n,
+            batch_size,
+            seed,
+            shuffle,
+            drop_last,
+        )
+        self.trainer: pl.Trainer | None = None
+
+    def _world(self) -> tuple[int, int]:
+        t = self.trainer
+        return (t.world_size, t.global_rank) if t is not None else (1, 0)
+
+    def _per_process(self) -> int:
+        world, _ = self._world()
+        return self.n // world if world > 1 else self.n
+
+    def __len__(self) -> int:
+        m = self._per_process()
+        return m // self.batch_size if self.drop_last else math.ceil(m / self.batch_size)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """Every batch of ``epoch`` on this process."""
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.n, generator=gen).tolist()
+        else:
+            order = list(range(self.n))
+        world, rank = self._world()
+        mine = order[rank::world][: self._per_process()]
+        out = [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+        return out[: len(self)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        t = self.trainer
+        epoch = t.current_epoch if t is not None else 0
+        done = t.fit_loop.epoch_loop.batch_progress.current.processed if t is not None else 0
+        yield from self.batches(epoch)[done:]
+
+
+def resumable_loader(
+    dataset: Dataset[Any] | Sequence[Any],
+    batch_size: int,
+    *,
+    seed: int,
+    shuffle: bool = True,
+    drop_last: bool = False,
+    collate_fn: Callable[[Any], Any] | None = None,
+) -> DataLoader[Any]:
+    """A training DataLoader over an :class:`EpochBatchSampler` (the trainer needs
+    ``use_distributed_sampler=False``: the sampler shards by process itself)."""
+    sampler = EpochBatchSampler(len(dataset), batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last)  # type: ignore[arg-type]
+    return DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed)
+    )  # type: ignore[arg-type]
+
+
+def eval_loader(
+    dataset: Any, batch_size: int, *, collate_fn: Callable[[Any], Any] | None = None
+) -> DataLoader[Any]:
+    """A validation DataLoader in a fixed order with its own generator (iterating it draws nothing
+    from the global random stream, so validation does not shift the training stream)."""
+    return DataLoader(
+        dataset, batch_size=batch_size, collate_fn=collate_fn, generator=torch.Generator().manual_seed(0)
+    )
+
+
+def _between_optimizer_steps(pl_module: pl.LightningModule) -> bool:
+    """No gradient is waiting for an optimiser step (a checkpoint here is resumable exactly): the
+    module's own ``resumable_now()`` if it has one; under manual optimisation (RL, where several
+    micro-batches may make one step), every gradient is ``None`` (the optimisers zero them with
+    ``set_to_none`` after stepping); Lightning's accumulation is checked by the caller."""
+    resumable = getattr(pl_module, "resumable_now", None)
+    if resumable is not None:
+        return bool(resumable())
+    if pl_module.automatic_optimization:
+        return True
+    return all(p.grad is None for p in pl_module.parameters())
+
+
+def checkpoint_interval(total_steps: int) -> int:
+    """Optimiser steps between the checkpoints of an upstream stage (:data:`CHECKPOINTS_PER_STAGE`)."""
+    return max(1, math.ceil(total_steps / CHECKPOINTS_PER_STAGE))
+
+
+def stage_checkpoint(ctx: StageContext, total_steps: int) -> StageCheckpoint:
+    """The checkpoint of an upstream stage: every epoch end and every :func:`checkpoint_interval` steps."""
+    return StageCheckpoint(
+        ctx.stage_dir / CHECKPOINT_SUBDIR,
+        ctx.name,
+        every_n_steps=checkpoint_interval(total_steps),
+        every_n_epochs=1,
+    )
+
+
+def resume_path(ctx: StageContext) -> str | None:
+    """``<stage dir>/checkpoints/last.ckpt`` when the run resumes and it exists."""
+    last = ctx.stage_dir / CHECKPOINT_SUBDIR / LAST_CHECKPOINT
+    return str(last) if ctx.resume and last.is_file() else None
+
+
+class StageCheckpoint(Checkpoint):
+    """A stage's resumable checkpoint, ``<stage dir>/checkpoints/last.ckpt``.
+
+    Taken every ``every_n_steps`` optimiser steps, every ``every_n_epochs`` epochs, at the end of
+    training, and at the first safe point after a stop signal (the end of an optimiser step: no
+    gradient accumulated for the next one, see :func:`_between_optimizer_steps`; in RL also inside an
+    iteration, whose rollouts the module saves). It holds everything Lightning saves
+    (model, optimisers, schedulers, loop progress, the module's ``on_save_checkpoint`` state), every
+    global random stream, the logger step it was taken at and the stage's metrics.
+
+    A checkpoint is *captured* where Lightning expects one (``on_train_batch_end`` /
+    ``on_train_epoch_end``, so its loops restart exactly there) and *written* at the next point
+    after the rows of that step are logged: the ``metrics.csv`` rows are flushed first, so the
+    rows on disk always cover the last checkpoint. On resume, rows logged after its step are dropped
+    (they are logged again), the random streams are restored, and the metrics it recorded are
+    returned by :func:`fit` for keys the resumed session does not log again.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | Path,
+        stage: str,
+        *,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+    ) -> None:
+        self.dirpath = Path(dirpath)
+        self.stage = stage
+        self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
+        self.restored: dict[str, float] = {}  # metrics recorded by the checkpoint resumed from
+        self.written = 0
+        self._trainer: pl.Trainer | None = None
+        self._log_step = -1
+        self._pending: dict[str, Any] | None = None
+        self._stopping = False
+
+    @property
+    def last(self) -> Path:
+        return self.dirpath / LAST_CHECKPOINT
+
+    @property
+    def state_key(self) -> str:
+        return "StageCheckpoint"
+
+    # ---------------------------------------------------------------- saved with the checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {"log_step": self._log_step, "rng": rng_state(), "metrics": {}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._log_step = int(state_dict["log_step"])
+        set_rng_state(state_dict["rng"])
+        self.restored = {str(k): float(v) for k, v in state_dict.get("metrics", {}).items()}
+        for logger in self._trainer.loggers if self._trainer is not None else []:
+            if hasattr(logger, "resume_at"):
+                logger.resume_at(self._log_step)
+
+    # ---------------------------------------------------------------- Lightning hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            clean_stale_temps(self.dirpath)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _reclaim_sigterm()
+        if self._agree_to_stop(trainer):  # asked before any step of this session: nothing to save
+            raise _StopNow
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._write_pending(trainer)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_pending(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stopping = False  # training is over: the stage finishes; the runner stops after it
+        self._write_pending(trainer)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._pending = None  # a failure: the last written checkpoint stays the last good one
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loop = trainer.fit_loop.epoch_loop
+        faults.kill_point(f"{self.stage}:batch:{loop.batch_progress.total.processed}")
+        if loop.batch_progress.is_last_batch or trainer.fit_loop.done or loop._should_accumulate():
+            return  # the epoch end captures it (its hooks must run before the checkpoint)
+        if not _between_optimizer_steps(pl_module):
+            return
+        stop = self._agree_to_stop(trainer)
+        n, step = self.every_n_steps, trainer.global_step
+        if stop or (n and step % n == 0):
+            self._capture(trainer, log_step=loop._batches_that_stepped)
+            self._stopping = stop
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        faults.kill_point(f"{self.stage}:epoch:{epoch}")
+        stop = self._agree_to_stop(trainer)
+        n = self.every_n_epochs
+        last = (trainer.max_epochs is not None and 0 <= trainer.max_epochs <= epoch + 1) or (
+            trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
+        )
+        if stop or last or (n and (epoch + 1) % n == 0) or self.every_n_steps:
+            # epoch-end rows are logged at the step before the increment Lightning has already made
+            self._capture(trainer, log_step=trainer.fit_loop.epoch_loop._batches_that_stepped - 1)
+            self._stopping = stop
+
+    # ---------------------------------------------------------------- capture, then write
+    def _agree_to_stop(self, trainer: pl.Trainer) -> bool:
+        stop = stop_requested() is not None
+        if trainer.world_size > 1:  # every process stops at the same step
+            stop = bool(trainer.strategy.reduce_boolean_decision(stop, all=False))
+        return stop
+
+    def _capture(self, trainer: pl.Trainer, log_step: int) -> None:
+        self._log_step = log_step
+        # a deep copy: the live tensors change with the next step, the file is written after it logs
+        self._pending = copy.deepcopy(trainer._checkpoint_connector.dump_checkpoint(weights_only=False))
+
+    def _write_pending(self, trainer: pl.Trainer) -> None:
+        if self._pending is not None:
+            checkpoint, self._pending = self._pending, None
+            for logger in trainer.loggers:
+                logger.save()  # the rows up to the checkpoint's step reach the disk first
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+            checkpoint["callbacks"][self.state_key]["metrics"] = metrics
+            trainer.strategy.save_checkpoint(checkpoint, str(self.last))
+            trainer.strategy.barrier("StageCheckpoint")
+            self.written += 1
+        if self._stopping:
+            raise _StopNow
 
 
 def lr_lambda(

@@ -140,6 +140,10 @@ class Generation(NamedTuple):
     batch: TokenBatch  # the prompt + sampled response tokens.
     ended: Tensor  # ``(B,)`` bool, the response ended with EOS within ``max_new_tokens``.
     completions: list[Completion]  # the decoded responses (EOS stripped), one per row.
+    # ``(B, R)`` fp32 ``log softmax(logits / T)`` of the drawn tokens from the sampling pass itself, 0 on
+    # padding; ``None`` when the sampler does not provide them.
+    logprobs: Tensor | None = None
+    entropy: Tensor | None = None  # ``(B, R)`` entropy of ``softmax(logits / T)`` at each step (idem).
 
 
 class PolicyOutput(NamedTuple):

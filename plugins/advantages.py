@@ -61,18 +61,32 @@ def _group_index(group_ids: Tensor) -> tuple[Tensor, int]:
     return index, int(uniq.numel())
 
 
+def _group_sums(x: Tensor, index: Tensor, n: int) -> Tensor:
+    """``(G,)`` the sum of ``x`` over each group."""
+    return torch.zeros(n, dtype=x.dtype, device=x.device).index_add_(0, index, x)
+
+
+def _group_centred(returns: Tensor, index: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """float64 returns minus their group's maximum (an exact shift: a group of equal returns becomes
+    exact zeros, whatever its magnitude, so the baselines below give it an advantage of exactly 0
+    instead of float32 rounding noise), and the ``(B,)`` group sizes."""
+    x = returns.double()
+    top = torch.zeros(n, dtype=x.dtype, device=x.device).scatter_reduce_(
+        0, index, x, "amax", include_self=False
+    )
+    counts = _group_sums(torch.ones_like(x), index, n)[index]
+    return x - top[index], counts
+
+
 def rloo_advantages(returns: Tensor, group_ids: Tensor) -> Tensor:
     """Leave-one-out baseline (Kool et al. 2019; Ahmadian et al. 2024):
-    ``A_i = G_i − (Σ_{j∈g(i)} G_j − G_i)/(k − 1)``. Shape ``(B,)`` → ``(B,)``."""
+    ``A_i = G_i − (Σ_{j∈g(i)} G_j − G_i)/(k − 1)``; in float64 around each group's maximum, so a
+    group of equal returns gets exactly 0. Shape ``(B,)`` → ``(B,)`` (the dtype of ``returns``)."""
     index, n = _group_index(group_ids)
-    sums = torch.zeros(n, dtype=returns.dtype, device=returns.device).index_add_(0, index, returns)
-    counts = torch.zeros(n, dtype=returns.dtype, device=returns.device).index_add_(
-        0, index, torch.ones_like(returns)
-    )
-    k = counts[index]
+    x, k = _group_centred(returns, index, n)
     if bool((k < 2).any()):
         raise ValueError("rloo needs at least 2 samples per prompt (rollout.samples_per_prompt >= 2)")
-    return returns - (sums[index] - returns) / (k - 1)
+    return (x - (_group_sums(x, index, n)[index] - x) / (k - 1)).to(returns.dtype)
 
 
 def grpo_advantages(
@@ -80,20 +94,28 @@ def grpo_advantages(
 ) -> Tensor:
     """Group-normalised advantages (Shao et al. 2024): ``(G_i − mean_g) / (std_g + eps)`` with the
     unbiased (Bessel-corrected) group std, as the reference implementations use; with
-    ``scale_by_std=False`` only the mean is removed (Dr. GRPO, Liu et al. 2025). ``(B,)`` → ``(B,)``."""
+    ``scale_by_std=False`` only the mean is removed (Dr. GRPO, Liu et al. 2025). ``(B,)`` → ``(B,)``.
+
+    A group whose returns are all equal has advantage exactly 0 for every ``eps >= 0`` (its std is
+    0: ``0 / (0 + eps)``, also when ``eps = 0``); statistics are float64 around the group's maximum
+    (without the shift, the float32 mean of four 1000.1 is off by an ulp and ``eps = 0`` gives ±1)."""
     index, n = _group_index(group_ids)
-    ones = torch.ones_like(returns)
-    counts = torch.zeros(n, dtype=returns.dtype, device=returns.device).index_add_(0, index, ones)
-    if bool((counts < 2).any()):
+    x, k = _group_centred(returns, index, n)
+    if bool((k < 2).any()):
         raise ValueError("grpo needs at least 2 samples per prompt (rollout.samples_per_prompt >= 2)")
-    means = torch.zeros(n, dtype=returns.dtype, device=returns.device).index_add_(0, index, returns) / counts
-    centred = returns - means[index]
+    centred = x - _group_sums(x, index, n)[index] / k
     if not scale_by_std:
-        return centred
-    var = torch.zeros(n, dtype=returns.dtype, device=returns.device).index_add_(0, index, centred**2) / (
-        counts - 1
-    )
-    return centred / (var.sqrt()[index] + eps)
+        return centred.to(returns.dtype)
+    std = (_group_sums(centred**2, index, n)[index] / (k - 1)).sqrt()
+    scaled = centred / torch.where(std > 0, std + eps, 1.0)
+    return torch.where(std > 0, scaled, 0.0).to(returns.dtype)
+
+
+def whiten64(x: Tensor, mask: Tensor) -> Tensor:
+    """:func:`~instructrl.core.ops.masked_whiten` (global across processes) in float64, returned in
+    ``x``'s dtype. In float32 the mean of many equal values is off by an ulp that ``1/sqrt(0 + eps)``
+    amplifies (equal returns-to-go of 1000.1 whitened to -0.51, not 0); one token whitens to 0."""
+    return masked_whiten(x.double(), mask.double()).to(x.dtype)
 
 
 def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
@@ -138,7 +160,7 @@ class GAE:
             raise ValueError("gae needs values from a value model")
         adv, returns = gae(inp.rewards, inp.values, inp.mask, self.config.gamma, self.config.lam)
         if self.config.whiten:
-            adv = masked_whiten(adv, inp.mask)
+            adv = whiten64(adv, inp.mask)
         return AdvantageOutput(adv, returns)
 
 
@@ -163,7 +185,7 @@ class OutcomeEstimator:
         returns = sequence_returns(inp.rewards, inp.mask)
         adv = self.baseline_fn(inp, returns).unsqueeze(-1) * inp.mask
         if self.whiten:
-            adv = masked_whiten(adv, inp.mask)
+            adv = whiten64(adv, inp.mask)
         return AdvantageOutput(adv, None)
 
 
@@ -203,7 +225,7 @@ class ReinforcePP:
 
     def __call__(self, inp: AdvantageInput) -> AdvantageOutput:
         returns = discounted_returns(inp.rewards, inp.mask, self.config.gamma)
-        return AdvantageOutput(masked_whiten(returns, inp.mask), None)
+        return AdvantageOutput(whiten64(returns, inp.mask), None)
 
 
 def make_gae(config: GAEConfig, ctx: BuildContext) -> GAE:

@@ -83,8 +83,9 @@ def make_ptx(config: PtxConfig, ctx: BuildContext) -> PtxLoss:
     docs = list(ctx.task.pretraining_text("train"))
     if not docs:
         raise DataError(
-            "ptx: the task has no pretraining text (task.pretraining_text('train') is empty); "
-            "choose a task with pretraining text (task.name / task.pretraining) or set ptx.coef=0"
+            "task.pretraining: ptx needs pretraining text and the task has none; set "
+            "task.pretraining=path/to/text.txt (jsonl task), choose a task that has text (task.name), "
+            "or switch ptx off with ptx.coef=0"
         )
     data = pack_docs(ctx.tokenizer, docs, config.seq_len, "ptx: the pretraining text")
     rank = (

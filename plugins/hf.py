@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from instructrl.core.fields import param
@@ -22,7 +23,7 @@ from instructrl.core.models import (
     save_model_dir,
     score_last_token,
 )
-from instructrl.core.ops import entropy_from_logits, logprobs_from_logits
+from instructrl.core.ops import logprobs_and_entropy, logprobs_from_logits
 from instructrl.core.registry import BuildContext
 from instructrl.core.types import (
     Completion,
@@ -35,6 +36,8 @@ from instructrl.core.types import (
 )
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .engine import PLAIN_HEAD_MODELS, response_hidden, sample_loop
 
 # --------------------------------------------------------------------------------------------
 # Policy
@@ -52,6 +55,25 @@ class HFPolicyConfig:
         model_path="reference",
     )
     trust_remote_code: bool = param(False, "Allow model code from the model dir.")
+    sampler: Literal["engine", "hf_generate"] = param(
+        "engine",
+        "Rollout sampler: 'engine' (preallocated KV cache, one forward per new token, fused sampling, "
+        "the drawn tokens' logprobs from the same pass) or 'hf_generate' (transformers' generate).",
+    )
+    logits_chunk_mb: float | None = param(
+        64.0,
+        "forward computes the LM head and log-softmax in row chunks whose fp32 logits stay under this "
+        "many MB, so (B, R, V) is never held at once for large vocabularies; null = one chunk.",
+    )
+    share_prompts: bool = param(
+        True,
+        "Identical prompts in a batch (the samples of one prompt) run through the model once — in forward "
+        "and at the rollout's prefill — and their responses attend to the shared KV cache.",
+    )
+
+    def __post_init__(self) -> None:
+        if self.logits_chunk_mb is not None and self.logits_chunk_mb <= 0:
+            raise ValueError(f"logits_chunk_mb must be > 0 or null (got {self.logits_chunk_mb})")
 
 
 def response_mask_from_ids(response_ids: Tensor, eos_id: int) -> tuple[Tensor, Tensor]:
@@ -64,7 +86,12 @@ def response_mask_from_ids(response_ids: Tensor, eos_id: int) -> tuple[Tensor, T
 
 
 class HFPolicy:
-    """A causal LM from an HF dir (``AutoModelForCausalLM``), dropout off."""
+    """A causal LM from an HF dir (``AutoModelForCausalLM``), dropout off.
+
+    ``sampler`` picks the rollout sampler (``engine``: :func:`~instructrl.plugins.engine.sample_loop`;
+    ``hf_generate``: transformers' ``generate``); ``logits_chunk_mb`` bounds the fp32 logits
+    ``forward`` holds at once; ``share_prompts`` runs identical prompts through the model once.
+    """
 
     def __init__(
         self,
@@ -72,6 +99,9 @@ class HFPolicy:
         tokenizer: PreTrainedTokenizerBase,
         ref_path: str | None = None,
         trust_remote_code: bool = False,
+        sampler: str = "engine",
+        logits_chunk_mb: float | None = 64.0,
+        share_prompts: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -79,13 +109,27 @@ class HFPolicy:
         self.pad_id = int(tokenizer.pad_token_id)
         self._ref_path = ref_path
         self._trust_remote_code = trust_remote_code
+        self.sampler = sampler
+        self.logits_chunk_mb = logits_chunk_mb
+        self.share_prompts = share_prompts
+        self.last_forwards = 0  # model forwards of the last engine rollout (prefill included)
+
+    @property
+    def options(self) -> dict[str, object]:
+        """The execution options (not weights) a reference policy inherits."""
+        return {
+            "sampler": self.sampler,
+            "logits_chunk_mb": self.logits_chunk_mb,
+            "share_prompts": self.share_prompts,
+        }
 
     def reference(self) -> HFPolicy:
         """A frozen reference policy: ``policy.ref_model`` if set, else a copy of the current weights."""
         if self._ref_path is not None:
             ref = load_policy(self._ref_path, "policy.ref_model", self._trust_remote_code)
+            vars(ref).update(self.options)
         else:
-            ref = HFPolicy(copy.deepcopy(self.model), self.tokenizer)
+            ref = HFPolicy(copy.deepcopy(self.model), self.tokenizer, **self.options)  # type: ignore[arg-type]
         ref.model.requires_grad_(False).eval()
         return ref
 
@@ -99,9 +143,31 @@ class HFPolicy:
         temperature: float,
         greedy: bool = False,
     ) -> Generation:
-        """Sample responses to left-padded prompts ``(B, P)``; see :class:`~instructrl.core.protocols.Policy`."""
+        """Sample responses to left-padded prompts ``(B, P)``; see :class:`~instructrl.core.protocols.Policy`.
+        The engine also returns the drawn tokens' logprobs and entropies at ``temperature``."""
         was_training = self.model.training
         self.model.eval()
+        try:
+            if self.sampler == "hf_generate":
+                response, logprobs, entropy = self._hf_generate(input_ids, attention_mask, max_new_tokens, temperature, greedy)  # fmt: skip
+            else:
+                response, logprobs, entropy, self.last_forwards = sample_loop(
+                    self.model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                    temperature=temperature, greedy=greedy, eos_id=self.eos_id, pad_id=self.pad_id,
+                    share_prompts=self.share_prompts,
+                )  # fmt: skip
+        finally:
+            self.model.train(was_training)
+        mask, ended = response_mask_from_ids(response, self.eos_id)
+        response = torch.where(mask.bool(), response, torch.full_like(response, self.pad_id))
+        batch = join_prompt_response(input_ids, attention_mask, response, mask)
+        if logprobs is not None and entropy is not None:
+            logprobs, entropy = logprobs * mask, entropy * mask
+        return Generation(batch, ended, self.decode(response, mask, ended), logprobs, entropy)
+
+    def _hf_generate(
+        self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int, temperature: float, greedy: bool
+    ) -> tuple[Tensor, None, None]:
         kwargs: dict[str, object] = (
             {"do_sample": False}
             if greedy
@@ -117,12 +183,7 @@ class HFPolicy:
             use_cache=True,
             **kwargs,
         )
-        self.model.train(was_training)
-        response = out[:, input_ids.shape[1] :]
-        mask, ended = response_mask_from_ids(response, self.eos_id)
-        response = torch.where(mask.bool(), response, torch.full_like(response, self.pad_id))
-        batch = join_prompt_response(input_ids, attention_mask, response, mask)
-        return Generation(batch, ended, self.decode(response, mask, ended))
+        return out[:, input_ids.shape[1] :], None, None
 
     def decode(self, response_ids: Tensor, mask: Tensor, ended: Tensor) -> list[Completion]:
         """Response strings (EOS and padding stripped) with their ended flags."""
@@ -133,19 +194,27 @@ class HFPolicy:
         return out
 
     def forward(self, batch: TokenBatch, *, temperature: float, return_logits: bool = False) -> PolicyOutput:
-        """Per-token logprobs and entropy ``(B, R)`` at ``temperature``; tempered logits on request."""
-        logits = self.model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-        ).logits
+        """Per-token logprobs and entropy ``(B, R)`` at ``temperature``; tempered logits on request.
+
+        The LM head runs on the response positions only (``P − 1 … P + R − 2``: position ``P + t − 1``
+        predicts token ``t``), in row chunks of at most ``logits_chunk_mb`` of fp32 logits (each chunk
+        recomputed in the backward, so the autograd graph holds no ``(B, R, V)`` tensor either); the
+        tempered logits are only materialised when asked for."""
         p = batch.prompt_len
-        logits = logits[:, p - 1 : -1].float() / temperature  # (B, R, V): position P+t-1 predicts token t
+        head = self.model.get_output_embeddings() if type(self.model).__name__ in PLAIN_HEAD_MODELS else None
+        chunk = None
+        if head is not None:
+            hidden = response_hidden(self.model, batch, self.share_prompts)
+            if self.logits_chunk_mb is not None:
+                chunk = max(1, int(self.logits_chunk_mb * 2**20 // (4 * head.weight.shape[0])))
+        else:  # any other causal LM: the full forward (the head on every position), then the slice
+            inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids}  # fmt: skip
+            hidden, head = self.model(**inputs, use_cache=False).logits[:, p - 1 : -1], torch.nn.Identity()
+        logprobs, entropy, logits = logprobs_and_entropy(
+            head, hidden, batch.response_ids, temperature, chunk_tokens=chunk, return_logits=return_logits
+        )
         mask = batch.response_mask
-        logprobs = logprobs_from_logits(logits, batch.response_ids) * mask
-        entropy = entropy_from_logits(logits) * mask
-        return PolicyOutput(logprobs, entropy, logits if return_logits else None)
+        return PolicyOutput(logprobs * mask, entropy * mask, logits)
 
     def lm_loss(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Mean next-token cross-entropy (nats/token) over the real tokens of ``(B, T)`` text."""
@@ -179,7 +248,10 @@ def make_hf_policy(config: HFPolicyConfig, ctx: BuildContext) -> HFPolicy:
     model = load_causal_lm(
         path, "policy.model", tokenizer=tokenizer, trust_remote_code=config.trust_remote_code
     )
-    return HFPolicy(model, tokenizer, ref_path, config.trust_remote_code)
+    return HFPolicy(
+        model, tokenizer, ref_path, config.trust_remote_code, config.sampler, config.logits_chunk_mb,
+        config.share_prompts,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -71,9 +71,18 @@ class GainBiasConfig:
 
 
 def fit_gain_bias(scores: Tensor, target_mean: float, target_std: float) -> tuple[float, float]:
-    """Gain and bias mapping ``scores`` to mean ``target_mean`` and std ``target_std``."""
-    mean, std = float(scores.float().mean()), float(scores.float().std())
-    gain = target_std / max(std, 1e-8)
+    """Gain and bias mapping ``scores`` to mean ``target_mean`` and std ``target_std``.
+
+    The std is the **population** std (``unbiased=False``), as lm-human-preferences computes it;
+    moments in float64. When every score is the same (std 0) there is no spread to scale: the gain
+    is 1 and only the bias moves the mean to ``target_mean`` (a gain of ``target_std / ~0`` would
+    blow every later score up). Non-finite scores are an error."""
+    x = scores.detach().double().reshape(-1)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("gain_bias: the reference samples' reward-model scores are not all finite")
+    mean, std = float(x.mean()), float(x.std(unbiased=False))
+    constant = bool(x.max() == x.min())  # exact: a float64 mean of equal values can leave a ~1e-16 "std"
+    gain = 1.0 if constant else target_std / std
     return gain, target_mean - gain * mean
 
 
@@ -101,15 +110,16 @@ class WhitenConfig:
 
 
 class Whiten:
-    """Per-batch whitening (statistics global across processes)."""
+    """Per-batch whitening (statistics global across processes), computed in float64: in float32
+    the batch mean of equal scores is off by an ulp, which ``1/sqrt(0 + eps)`` blows up (a batch of
+    seven 1000.1 became -0.51 each, not 0). A batch of one whitens to 0 (to itself with ``shift_mean=False``)."""
 
     def __init__(self, shift_mean: bool) -> None:
         self.shift_mean = shift_mean
 
     def __call__(self, inp: TransformInput) -> Tensor:
-        return masked_whiten(
-            inp.scores.float(), torch.ones_like(inp.scores, dtype=torch.float), shift_mean=self.shift_mean
-        )
+        x = inp.scores.double()
+        return masked_whiten(x, torch.ones_like(x), shift_mean=self.shift_mean).float()
 
 
 def make_whiten(config: WhitenConfig, ctx: BuildContext) -> Whiten:
@@ -122,27 +132,39 @@ class RunningWhitenConfig:
     shift_mean: bool = param(True, "Subtract the running mean (false: scale only).")
     eps: float = param(1e-8, "Added to the running variance.")
 
+    def __post_init__(self) -> None:
+        if self.eps < 0:
+            raise ValueError(f"eps must be >= 0 (got {self.eps})")
+
 
 def merge_moments(count: float, mean: float, m2: float, batch: Tensor) -> tuple[float, float, float]:
-    """Chan et al.'s parallel update of (count, mean, M2) with a batch, global across processes."""
-    stats = all_reduce_sum(
-        torch.stack([batch.float().sum(), (batch.float() ** 2).sum(), torch.tensor(float(batch.numel()))])
+    """Chan et al.'s parallel update of (count, mean, M2) with a batch, global across processes.
+
+    Everything is float64 and two-pass, so a large mean with a tiny spread keeps its variance: the
+    global count and sum give the global batch mean ``mean_b``, then the global ``Σ (x − mean_b)²`` is
+    the batch's exact M2 (no ``Σx² − n·mean²`` cancellation, which went negative and made the std
+    complex). Two all-reduces; M2 is clamped at 0."""
+    x = batch.detach().double().reshape(-1)
+    head = all_reduce_sum(
+        torch.stack([x.sum(), torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)])
     )
-    n_b = float(stats[2])
+    n_b = float(head[1])
     if n_b == 0:
         return count, mean, m2
-    mean_b = float(stats[0]) / n_b
-    m2_b = float(stats[1]) - n_b * mean_b * mean_b
+    mean_b = float(head[0]) / n_b
+    m2_b = max(float(all_reduce_sum(((x - mean_b) ** 2).sum())), 0.0)
     total = count + n_b
     delta = mean_b - mean
     new_mean = mean + delta * n_b / total
     new_m2 = m2 + m2_b + delta * delta * count * n_b / total
-    return total, new_mean, new_m2
+    return total, new_mean, max(new_m2, 0.0)
 
 
 class RunningWhiten:
     """Whitening with the running mean/std of every rollout score seen so far (stateful and
-    checkpointed; a baseline batch is whitened with the current statistics but does not update them)."""
+    checkpointed; a baseline batch is whitened with the current statistics but does not update them).
+    Statistics and the whitening are float64; with fewer than two scores seen the variance is 1, and
+    when every score seen so far is equal (std 0, with ``eps = 0``) the scores are only shifted."""
 
     def __init__(self, config: RunningWhitenConfig) -> None:
         self.config = config
@@ -150,15 +172,16 @@ class RunningWhiten:
 
     @property
     def var(self) -> float:
-        return self.m2 / (self.count - 1) if self.count > 1 else 1.0
+        return max(self.m2, 0.0) / (self.count - 1) if self.count > 1 else 1.0
 
     def __call__(self, inp: TransformInput) -> Tensor:
         if not inp.is_baseline:
             self.count, self.mean, self.m2 = merge_moments(self.count, self.mean, self.m2, inp.scores)
         std = (self.var + self.config.eps) ** 0.5
-        if self.config.shift_mean:
-            return (inp.scores - self.mean) / std
-        return inp.scores / std
+        std = std if std > 0 else 1.0
+        x = inp.scores.double()
+        out = (x - self.mean) / std if self.config.shift_mean else x / std
+        return out.to(inp.scores.dtype)
 
     def state_dict(self) -> dict[str, object]:
         return {"count": self.count, "mean": self.mean, "m2": self.m2}

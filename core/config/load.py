@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import ConfigError, did_you_mean, one_of
@@ -58,11 +58,21 @@ def recipe_path(recipe: str | os.PathLike[str], relative_to: Path | None = None)
 
 
 def load_yaml(path: Path) -> DictConfig:
-    """Load one YAML file as a DictConfig; malformed YAML is a one-line error with the line."""
+    """Load one YAML file as a DictConfig; malformed YAML is a one-line error with the line.
+
+    A recipe is a UTF-8 YAML mapping; an empty file (or one with only comments) is an error, not
+    "every default" (write ``{}`` or ``extends: <recipe>`` for that)."""
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read recipe ({exc.strerror})") from None
+        raise ConfigError(f"{path}: cannot read recipe ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); a recipe is a UTF-8 YAML file"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -70,14 +80,20 @@ def load_yaml(path: Path) -> DictConfig:
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{where}: malformed YAML: {problem}") from None
+    except (ValueError, TypeError, RecursionError) as exc:  # e.g. an out-of-range timestamp
+        raise ConfigError(f"{path}: malformed YAML: {str(exc).splitlines()[0]}") from None
     if data is None:
-        data = {}
+        raise ConfigError(
+            f"{path}: recipe is empty (write keys, e.g. 'extends: ppo', or '{{}}' for every default)"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
     try:
         return OmegaConf.create(data)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{path}: {str(exc).splitlines()[0]}") from None
+        key = getattr(exc, "full_key", "") or ""
+        where = f"{path}: {key}:" if key else f"{path}:"
+        raise ConfigError(f"{where} {str(exc).splitlines()[0].strip()}") from None
 
 
 def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
@@ -87,9 +103,79 @@ def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     cfg = load_yaml(path)
     parent = cfg.get("extends")
     if parent:
-        base = _load_chain(recipe_path(str(parent), relative_to=path.parent), (*seen, path))
-        cfg = OmegaConf.merge(base, cfg)
+        if not isinstance(parent, str):
+            raise ConfigError(f"{path}: extends: expected a recipe name or path, got {parent!r}")
+        try:
+            parent_path = recipe_path(parent, relative_to=path.parent)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: extends: {exc}") from None
+        base = _load_chain(parent_path, (*seen, path))
+        cfg = merge(base, cfg, what=str(path))
     return cfg
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, (ListConfig, list)):
+        return "a list"
+    if isinstance(value, (DictConfig, dict)):
+        return "a mapping"
+    return f"the value {value!r}"
+
+
+def _conflict(base: object, over: object, prefix: str = "") -> tuple[str, object, object] | None:
+    """The first key where ``over`` puts a list on a mapping or a mapping on a list of ``base``."""
+    if not isinstance(base, DictConfig) or not isinstance(over, DictConfig):
+        return None
+    for key in over:
+        if key not in base:
+            continue
+        b, o = base._get_node(key), over._get_node(key)  # nodes: no interpolation is resolved
+        name = f"{prefix}{key}"
+        if isinstance(b, ListConfig) != isinstance(o, ListConfig) and all(
+            isinstance(x, (ListConfig, DictConfig)) for x in (b, o)
+        ):
+            return name, b, o
+        found = _conflict(b, o, f"{name}.")
+        if found is not None:
+            return found
+    return None
+
+
+def merge(*cfgs: DictConfig, what: str) -> DictConfig:
+    """``OmegaConf.merge``; a list given where a mapping is (or the reverse) is a one-line
+    ConfigError naming the key and ``what`` supplied it (a recipe file, ``override``)."""
+    try:
+        return OmegaConf.merge(*cfgs)  # type: ignore[return-value]
+    except (OmegaConfBaseException, TypeError, ValueError) as exc:
+        merged = cfgs[0]
+        for over in cfgs[1:]:
+            found = _conflict(merged, over)
+            if found is not None:
+                key, b, o = found
+                hint = (
+                    f"set the whole list, e.g. {key}=[...]"
+                    if isinstance(b, ListConfig)
+                    else f"set its keys, e.g. {key}.<key>=..."
+                )
+                raise ConfigError(f"{key}: is {_kind(b)}, but {what} gives {_kind(o)} ({hint})") from None
+            try:
+                merged = OmegaConf.merge(merged, over)  # type: ignore[assignment]
+            except (OmegaConfBaseException, TypeError, ValueError):
+                break
+        raise ConfigError(f"{what}: cannot merge: {str(exc).splitlines()[0]}") from None
+
+
+def _missing(tree: object, prefix: str = "") -> str | None:
+    """The dotted key of the first OmegaConf missing value (``???``) left in a resolved tree."""
+    if tree == "???":
+        return prefix or "recipe"
+    if isinstance(tree, dict):
+        items = ((f"{prefix}.{k}" if prefix else str(k), v) for k, v in tree.items())
+    elif isinstance(tree, list):
+        items = ((f"{prefix}[{i}]", v) for i, v in enumerate(tree))
+    else:
+        return None
+    return next((m for key, v in items if (m := _missing(v, key)) is not None), None)
 
 
 def _quote_reserved(item: str) -> str:
@@ -102,15 +188,30 @@ def _quote_reserved(item: str) -> str:
 
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:
     """``key=value`` strings (OmegaConf dotlist; values typed as YAML types them)."""
-    for item in overrides:
+    items = list(overrides)
+    for item in items:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}': expected key=value (e.g. kl.coef=0.05)")
     try:
-        return OmegaConf.from_dotlist([_quote_reserved(item) for item in overrides])
+        return _dotlist(items)
+    except ConfigError:  # name the override: the first that fails alone, or with those before it
+        for i, item in enumerate(items):
+            _dotlist([item], f"'{item}'")
+            _dotlist(items[: i + 1], f"'{item}' (with the overrides before it)")
+        raise
+
+
+def _dotlist(items: Sequence[str], label: str = "") -> DictConfig:
+    """``OmegaConf.from_dotlist``; a one-line ConfigError naming the override ``label``."""
+    where = f"override {label}" if label else "override"
+    try:
+        return OmegaConf.from_dotlist([_quote_reserved(item) for item in items])
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"override: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{where}: {str(exc).splitlines()[0]}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override: malformed value ({getattr(exc, 'problem', exc)})") from None
+        raise ConfigError(f"{where}: malformed value ({getattr(exc, 'problem', exc)})") from None
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        raise ConfigError(f"{where}: cannot apply ({exc})") from None
 
 
 def compose(
@@ -120,16 +221,29 @@ def compose(
     overrides, interpolated."""
     defaults = OmegaConf.create(dataclasses.asdict(RecipeSchema()))
     path = recipe_path(recipe)
-    cfg = OmegaConf.merge(defaults, load_yaml(_bundled_file(DEFAULTS)), _load_chain(path))
+    cfg = merge(defaults, load_yaml(_bundled_file(DEFAULTS)), what="the defaults")
+    cfg = merge(cfg, _load_chain(path), what=str(path))
     if smoke:
-        cfg = OmegaConf.merge(cfg, load_yaml(_bundled_file(SMOKE_OVERLAY)))
+        cfg = merge(cfg, load_yaml(_bundled_file(SMOKE_OVERLAY)), what="the smoke overlay")
         own = cfg.get("smoke") or {}
-        cfg = OmegaConf.merge(cfg, own)
-    cfg = OmegaConf.merge(cfg, parse_overrides(overrides))
+        if not isinstance(own, (DictConfig, dict)):
+            raise ConfigError(f"smoke: expected a mapping of keys applied under --smoke, got {own!r}")
+        cfg = merge(cfg, own, what="the recipe's smoke block")
+    for item in overrides:  # parsed and merged one by one, so an error names its override
+        if item.split("=", 1)[0].split(".")[0] == "extends":
+            raise ConfigError(
+                f"override '{item}': 'extends' is read before overrides apply; "
+                "make it the recipe (instructrl run RECIPE) or write it in the recipe file"
+            )
+        cfg = merge(cfg, parse_overrides([item]), what=f"override '{item}'")
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{getattr(exc, 'full_key', '') or path}: {str(exc).splitlines()[0]}") from None
+    except (OmegaConfBaseException, RecursionError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{getattr(exc, 'full_key', '') or path}: {msg}") from None
+    missing = _missing(resolved)
+    if missing is not None:
+        raise ConfigError(f"{missing}: no value ('???' marks a value to fill in: {missing}=...)")
     out = OmegaConf.create(resolved)
     out["extends"] = str(path)  # record where the recipe came from
     return out

@@ -110,6 +110,15 @@ class RecipeSchema:
         help="Stages this run executes, in order; their upstream stages come from the stage cache.",
     )
     seed: int = param(0, "Seed of the RL stage and evaluation (upstream stages have their own).")
+    precision: str = param(
+        "auto",
+        "Numeric precision of every stage: auto (bf16-mixed where bf16 is native: a bf16 CUDA device, or a "
+        "CPU with avx512_bf16/amx_bf16; else 32), 32 or bf16-mixed. Logprobs, KL and losses stay fp32.",
+    )
+    precision_resolved: str | None = param(
+        None,
+        "Written at validation (RUN/config.yaml): what `precision` resolved to on this host; ignored on input.",
+    )
     cache_dir: str | None = param(
         None, "Stage cache dir; null = $INSTRUCTRL_CACHE_DIR or ~/.cache/instructrl."
     )
@@ -146,4 +155,5 @@ STAGE_OWNED_TRAINER_KEYS = {
     "default_root_dir": "each stage writes into RUN/<stage>/",
     "enable_checkpointing": "checkpointing is managed by the stage",
     "use_distributed_sampler": "the stage shards data itself where needed",
+    "precision": "use the top-level precision key: auto, 32 or bf16-mixed",
 }

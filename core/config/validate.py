@@ -6,15 +6,21 @@ prompt, whether a value model or logits are needed) computed once from what comp
 from __future__ import annotations
 
 import inspect
+import json
 import os
-from collections.abc import Mapping, Sequence
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..errors import ConfigError, did_you_mean, one_of
-from ..fields import check_keys, field_names, to_plain, validate
+from ..fields import check_keys, check_seed, field_names, model_path_fields, to_plain, type_name, validate
+from ..precision import resolve_precision
 from ..registry import Registry
 from .load import compose
 from .schema import LIST_SLOTS, SLOTS, STAGE_OWNED_TRAINER_KEYS, RecipeSchema, Slot
@@ -41,6 +47,9 @@ class Derived:
         needs_logits: the KL estimator needs full-vocabulary logits.
         greedy_baseline: the estimator needs the greedy responses' rewards.
         stateful: ``(kind, name, recipe path)`` of every selected component whose state is checkpointed.
+        kl_active: a KL term is in play (any controller but ``fixed`` with ``coef: 0``); without one the RL
+            stage runs no reference forward.
+        precision: the top-level ``precision`` resolved on this host (``32`` or ``bf16-mixed``).
     """
 
     samples_per_prompt: int
@@ -48,6 +57,8 @@ class Derived:
     needs_logits: bool
     greedy_baseline: bool
     stateful: tuple[tuple[str, str, str], ...]
+    kl_active: bool = True
+    precision: str = "32"
 
 
 @dataclass
@@ -118,8 +129,18 @@ def validate_recipe(cfg: DictConfig, registry: Registry) -> Recipe:
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed: must be an integer (got {seed!r})")
+    check_seed(seed, "seed")
+    _check_top_level(cfg)
 
-    sections: dict[str, Any] = {name: validate(cls, cfg.get(name) or {}, name) for name, cls in owned.items()}
+    sections: dict[str, Any] = {}
+    for name, cls in owned.items():
+        block = cfg.get(name)
+        if block is not None and not isinstance(block, (DictConfig, Mapping)):
+            first = next(iter(field_names(cls)), "key")
+            raise ConfigError(
+                f"{name}: expected a mapping of the section's keys (e.g. {name}.{first}=...), got {block!r}"
+            )
+        sections[name] = validate(cls, block or {}, name)
     choices: dict[str, Choice] = {}
     ignored: list[str] = []
     for slot in SLOTS:
@@ -150,10 +171,147 @@ def validate_recipe(cfg: DictConfig, registry: Registry) -> Recipe:
         if float(coef) != 0.0:
             extra_losses.append(Choice("extra_loss", name, conf, name))
 
-    _validate_trainer(cfg.get("trainer") or {})
-    derived = derive(sections, choices, transforms, extra_losses, registry)
+    _validate_trainer(cfg.get("trainer"))
+    accelerator = (cfg.get("trainer") or {}).get("accelerator", "cpu")
+    precision = resolve_precision(cfg.get("precision", "auto"), accelerator)
+    derived = derive(sections, choices, transforms, extra_losses, registry, precision=precision)
     full = _fill_defaults(cfg, owned, sections, choices, transforms, loggers, registry)
-    return Recipe(full, sections, choices, transforms, loggers, extra_losses, ignored, registry, derived)
+    full.precision_resolved = precision  # recorded in RUN/config.yaml
+    recipe = Recipe(full, sections, choices, transforms, loggers, extra_losses, ignored, registry, derived)
+    _check_components(recipe)
+    check_sequence_fits(recipe)
+    return recipe
+
+
+def _check_top_level(cfg: DictConfig) -> None:
+    """The core's own scalar keys, and the stage cache dir."""
+    for key, nullable in (("description", True), ("extends", True), ("cache_dir", True)):
+        value = cfg.get(key)
+        if not isinstance(value, str) and not (nullable and value is None):
+            raise ConfigError(f"{key}: expected a string{' or null' if nullable else ''}, got {value!r}")
+    for key in ("smoke", "provenance"):
+        value = cfg.get(key)
+        if value is not None and not isinstance(value, (DictConfig, Mapping)):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    env = "INSTRUCTRL_CACHE_DIR"  # runner.CACHE_ENV (the runner imports this module)
+    key, where = (
+        ("cache_dir", cfg.get("cache_dir")) if cfg.get("cache_dir") else (f"${env}", os.environ.get(env))
+    )
+    if where and Path(where).expanduser().exists() and not Path(where).expanduser().is_dir():
+        raise ConfigError(f"{key}: the stage cache must be a directory, and {where} is a file")
+
+
+def planned_stages(recipe: Recipe) -> list[str]:
+    """The stages a run of ``recipe`` executes or reads from the cache, upstream dependencies
+    included and stages whose output the recipe supplies (``base.model``) left out."""
+    from ..runner import stage_order  # the runner imports this module
+
+    impls = recipe.registry.stages()
+    return [s for s in stage_order(recipe) if impls[s].skip(recipe) is None]
+
+
+def _check_components(recipe: Recipe) -> None:
+    """Call ``check_recipe(recipe, stages)`` of every selected component's config that defines it.
+
+    A config dataclass checks its own fields in ``__post_init__``; ``check_recipe`` is for what
+    depends on the rest of the recipe (the stages that will run, the extra losses): e.g. the
+    ``jsonl`` task names ``task.pretraining`` when ptx is on without it. Like ``__post_init__``
+    it raises ``ValueError("field: ...")``; the block path is prefixed. Nothing is built.
+    """
+    selected = [*recipe.choices.values(), *recipe.transforms, *recipe.loggers, *recipe.extra_losses]
+    hooks = [(c, getattr(c.config, "check_recipe", None)) for c in selected]
+    hooks = [(c, h) for c, h in hooks if callable(h)]
+    if not hooks:
+        return
+    stages = planned_stages(recipe)
+    for choice, hook in hooks:
+        try:
+            hook(recipe, stages)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{choice.path}.{exc}") from None
+
+
+POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
+RELATIVE_POSITION_HINTS = ("rope", "rotary", "alibi")
+
+
+def learned_positions(model_dir: str | os.PathLike[str]) -> tuple[int, str] | None:
+    """``(positions, config key)`` of a model dir with learned absolute position embeddings (GPT-2's
+    ``n_positions``, OPT's ``max_position_embeddings``); ``None`` for rotary or ALiBi models (no
+    position table to overrun) and for dirs without a readable config.json."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    if any(h in str(k).lower() for k in config for h in RELATIVE_POSITION_HINTS):
+        return None
+    if config.get("position_embedding_type", "absolute") != "absolute":
+        return None
+    for key in POSITION_KEYS:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, key
+    return None
+
+
+def check_sequence_fits(recipe: Recipe) -> None:
+    """The rule for long prompts: ``rollout.max_prompt_tokens`` keeps the last tokens of a longer
+    prompt, and a prompt plus the longest response budget (``rollout`` / ``rm`` / ``eval``
+    ``max_new_tokens``) plus its end token must fit the positions of every model with learned
+    position embeddings: a model dir the recipe names (its config.json) and the base model the
+    pipeline builds when ``base.arch`` is ``gpt2`` (``base.max_positions``). So must the packed text
+    sequences: an active extra loss's ``seq_len`` (``ptx.seq_len``) and, for the built base model,
+    ``pretrain.seq_len``. Rotary models (Llama) have no position table and are not checked."""
+    sections = recipe.sections
+    rollout = sections.get("rollout")
+    prompt = getattr(rollout, "max_prompt_tokens", None)
+    if not isinstance(prompt, int):
+        return
+    budgets = [
+        (f"{name}.max_new_tokens", getattr(sections.get(name), "max_new_tokens", None))
+        for name in ("rollout", "rm", "eval")
+    ]
+    new_key, new = max(((k, v) for k, v in budgets if isinstance(v, int)), key=lambda b: b[1])
+    limits: list[tuple[str, int, str]] = []
+    blocks = [(name, sec) for name, sec in sections.items()]
+    blocks += [(c.path, c.config) for c in [*recipe.choices.values(), *recipe.extra_losses]]
+    for block, conf in blocks:
+        for name in model_path_fields(type(conf)) if conf is not None else ():
+            value = getattr(conf, name)
+            if isinstance(value, str) and not value.startswith("@"):
+                found = learned_positions(value)
+                if found is not None:
+                    limits.append((f"{block}.{name}", found[0], f"{found[1]} in {value}/config.json"))
+    base = sections.get("base")
+    if getattr(base, "arch", None) == "gpt2" and getattr(base, "model", "") is None:
+        owner = next((n for n, s in recipe.registry.stages().items() if "base" in s.sections), None)
+        if owner in planned_stages(recipe):
+            limits.append(("base.max_positions", base.max_positions, "the gpt2 model the pipeline builds"))
+    # (what needs positions, tokens, key to lower, value that fits) per limit
+    seq_lens = [
+        (f"{c.path}.seq_len", c.config.seq_len)
+        for c in recipe.extra_losses
+        if isinstance(getattr(c.config, "seq_len", None), int)
+    ]
+    for key, positions, where in limits:
+        room = positions - new - 1
+        needs = [
+            (
+                f"rollout.max_prompt_tokens + {new_key} = {prompt} + {new} (+1 end token)",
+                prompt + new + 1,
+                f"lower rollout.max_prompt_tokens to {room}"
+                if room >= 1
+                else f"lower {new_key} below {positions - 1}",
+            )
+        ]
+        pretrain_len = getattr(sections.get("pretrain"), "seq_len", None)
+        extra = [*seq_lens, *([("pretrain.seq_len", pretrain_len)] if key == "base.max_positions" else [])]
+        needs += [(f"{k} = {v}", v, f"lower {k} to {positions}") for k, v in extra if isinstance(v, int)]
+        for what, tokens, fix in needs:
+            if tokens > positions:
+                raise ConfigError(f"{what} does not fit the {positions} positions of {key} ({where}); {fix}")
 
 
 def derive(
@@ -162,8 +320,11 @@ def derive(
     transforms: Sequence[Choice],
     extra_losses: Sequence[Choice],
     registry: Registry,
+    *,
+    precision: str = "32",
 ) -> Derived:
-    """The settings that follow from the selected components' declared needs."""
+    """The settings that follow from the selected components' declared needs (and the resolved
+    ``precision``)."""
     adv = choices["advantage"]
     needs = registry.needs("advantage", adv.name)
     rollout = sections.get("rollout")
@@ -182,7 +343,15 @@ def derive(
         needs_logits=registry.needs("kl_estimator", choices["kl.estimator"].name).logits,
         greedy_baseline=needs.greedy_baseline,
         stateful=stateful,
+        kl_active=kl_active(choices["kl.controller"]),
+        precision=precision,
     )
+
+
+def kl_active(controller: Choice) -> bool:
+    """Whether the KL controller can ever apply a penalty, read from its config without building
+    it: only ``fixed`` with ``coef: 0`` cannot (an adaptive controller counts as active)."""
+    return not (controller.name == "fixed" and float(getattr(controller.config, "coef", 1.0)) == 0.0)
 
 
 def _fill_defaults(
@@ -265,8 +434,34 @@ def _validate_list(slot: Slot, items: Any, registry: Registry, ignored: list[str
     return out
 
 
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a recipe value (numbers, strings, lists, mappings) can be an argument typed ``hint``;
+    types a recipe cannot write (classes such as ``Strategy``) match nothing."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin in (list, Sequence, Iterable):
+        return isinstance(value, (ListConfig, list)) and all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, (DictConfig, Mapping)) and all(_fits(v, args[1]) for v in value.values())
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (str, bool, type(None)):
+        return isinstance(value, hint)
+    return False
+
+
 def _validate_trainer(trainer: Mapping[str, Any]) -> None:
     from lightning.pytorch import Trainer
+
+    if not isinstance(trainer, (DictConfig, Mapping)):
+        raise ConfigError(
+            f"trainer: expected a mapping of lightning.Trainer arguments (e.g. trainer.devices=1), got {trainer!r}"
+        )
 
     valid = [p for p in inspect.signature(Trainer.__init__).parameters if p != "self"]
     for key in trainer:
@@ -274,9 +469,23 @@ def _validate_trainer(trainer: Mapping[str, Any]) -> None:
             raise ConfigError(f"trainer.{key}: not settable here ({STAGE_OWNED_TRAINER_KEYS[key]})")
     allowed = [k for k in valid if k not in STAGE_OWNED_TRAINER_KEYS]
     check_keys(trainer, allowed, "trainer", "lightning.Trainer")
+    hints = typing.get_type_hints(Trainer.__init__)
+    for key, value in trainer.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise ConfigError(
+                f"trainer.{key}: expected {type_name(hints[key]) or 'another type'} (lightning.Trainer), got {value!r}"
+            )
     devices = trainer.get("devices", 1)
     if isinstance(devices, int) and devices < 1 and devices != -1:
         raise ConfigError(f"trainer.devices: must be >= 1 or -1 (got {devices})")
+    if isinstance(devices, str) and not re.fullmatch(r"auto|-1|\d+|\d+(\s*,\s*\d+)*\s*,?", devices.strip()):
+        raise ConfigError(
+            f"trainer.devices: expected a count, -1, 'auto' or device ids like '0,1' (got {devices!r})"
+        )
+    if isinstance(devices, (ListConfig, list)) and (not devices or any(d < 0 for d in devices)):
+        raise ConfigError(
+            f"trainer.devices: a list of device ids must be non-empty and >= 0 (got {list(devices)})"
+        )
 
 
 def load_recipe(

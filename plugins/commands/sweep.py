@@ -23,6 +23,12 @@ How a sweep goes:
    unfinished ones and leaves failed ones alone unless ``--retry-failed``.
 5. **Report.** :func:`instructrl.plugins.commands.report.write_report` writes ``report.md``, ``report.csv``
    and ``plots/``. Exit code 0 when every run completed, 1 when any failed, 130 when interrupted.
+
+Signals: each run is in its own process group; SIGINT or SIGTERM to the sweep is forwarded once
+to every running run (as the same signal), which stops at its next safe point with a checkpoint
+and is recorded ``interrupted``; re-running the same command resumes it. If the sweep itself is
+SIGKILLed, each run gets SIGTERM on Linux (``PR_SET_PDEATHSIG``) and stops the same way; on other
+systems the runs keep going to their end (the next sweep skips or resumes them).
 """
 
 from __future__ import annotations
@@ -539,7 +545,12 @@ def execute_run(task: RunTask) -> RunResult:
     with open(task.log, "ab") as log:
         log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        # Its own process group (a terminal's Ctrl-C reaches the sweep only, which forwards it once:
+        # a second signal would make the run stop at once); on Linux it gets SIGTERM if the sweep dies.
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True, preexec_fn=_die_with_parent if _PRCTL is not None else None,
+        )  # fmt: skip
         with _LIVE_LOCK:
             _LIVE[task.name] = proc
         try:
@@ -561,7 +572,7 @@ def classify(task: RunTask, returncode: int, duration_s: float) -> RunResult:
     status = summary.get("run/status")
     if returncode == 0 and status == "completed":
         return RunResult(task.name, "completed", None, 0, duration_s)
-    if returncode in (130, -signal.SIGINT) or status == "interrupted":
+    if returncode in (130, 143, -signal.SIGINT, -signal.SIGTERM) or status == "interrupted":
         return RunResult(task.name, "interrupted", "interrupted", returncode, duration_s)
     error = str(summary.get("run/error") or "") if status == "failed" else ""
     error = error.splitlines()[0] if error.strip() else _error_from_log(Path(task.log), returncode)
@@ -587,14 +598,42 @@ def _error_from_log(path: Path, returncode: int) -> str:
     return f"exit code {returncode}" + (f": {last}" if last else "")
 
 
-def _stop(procs: Sequence[subprocess.Popen[bytes]], grace: float = 30.0) -> None:
-    """Interrupt processes (they record themselves as interrupted), kill them after ``grace`` s."""
+_FORWARD = {"signal": signal.SIGINT}  # the signal the sweep got (SIGTERM is forwarded as SIGTERM)
+
+
+def _libc_prctl() -> Any:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _libc_prctl() if sys.platform.startswith("linux") else None  # resolved before any fork
+
+
+def _die_with_parent() -> None:
+    """In the forked child (Linux): SIGTERM when the thread that started it dies (a SIGKILLed
+    sweep), so the run stops at its next safe point with a checkpoint instead of running on."""
+    if _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+
+def _stop(procs: Sequence[subprocess.Popen[bytes]], grace: float = 30.0, sig: int | None = None) -> None:
+    """Forward the sweep's signal (SIGINT, or SIGTERM) once to each run's process group (the run
+    and, under DDP, its workers): each stops at its next safe point, writes a checkpoint and records
+    itself interrupted (exit 130 / 143). Those still alive after ``grace`` s are killed."""
+    sig = _FORWARD["signal"] if sig is None else sig
     for p in procs:
         if p.poll() is None:
             try:
-                p.send_signal(signal.SIGINT)
+                os.killpg(p.pid, sig)
             except OSError:
-                pass
+                try:
+                    p.send_signal(sig)
+                except OSError:
+                    pass
     deadline = time.monotonic() + grace
     for p in procs:
         try:
@@ -623,8 +662,8 @@ class LocalExecutor:
         return self.pool.submit(execute_run, task)
 
     def interrupt(self) -> None:
-        """Interrupt every running subprocess (after a moment: a Ctrl-C already reached them)."""
-        time.sleep(1.0)
+        """Forward the sweep's signal to every running subprocess (each runs in its own process
+        group, so a terminal's Ctrl-C reached the sweep only)."""
         with _LIVE_LOCK:
             procs = list(_LIVE.values())
         _stop(procs)
@@ -792,7 +831,17 @@ def _previous(plan: Plan) -> dict[str, dict[str, Any]]:
                 f"--out {plan.out}: holds a sweep with another {key} ({old.get(key)!r}, now {mine[key]!r}); "
                 "choose another --out"
             )
-    return {r["name"]: r for r in old.get("runs", [])}
+    runs = {r["name"]: r for r in old.get("runs", [])}
+    now = {run.name for run in plan.runs}
+    kept, gone = sorted(now & set(runs)), sorted(set(runs) - now)
+    if gone or now - set(runs):
+        print(
+            f"sweep: the spec changed since {path}: keeping {len(kept)} run(s) ({', '.join(kept) or 'none'}); "
+            f"new: {', '.join(sorted(now - set(runs))) or 'none'}; no longer in the spec (left on disk, not "
+            f"reported): {', '.join(gone) or 'none'}",
+            file=sys.stderr,
+        )
+    return {name: r for name, r in runs.items() if name in now}
 
 
 def initial_state(plan: Plan, retry_failed: bool) -> list[dict[str, Any]]:
@@ -993,11 +1042,14 @@ def _result(fut: cf.Future[RunResult], name: str) -> RunResult:
 
 
 def _sigterm_as_interrupt() -> Callable[[], None]:
-    """While sweeping, SIGTERM (``kill``, a scheduler) stops the sweep like Ctrl-C."""
+    """While sweeping, SIGTERM (``kill``, a scheduler) stops the sweep like Ctrl-C, and is the
+    signal forwarded to the runs."""
+    _FORWARD["signal"] = signal.SIGINT
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
     def handler(signum: int, frame: Any) -> None:
+        _FORWARD["signal"] = signal.SIGTERM
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, handler)

@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 import torch
 from instructrl.core.config import Recipe
 from instructrl.core.errors import ConfigError
-from instructrl.core.fields import field_for_role, param, positive
+from instructrl.core.fields import field_for_role, non_negative, param, positive
 from instructrl.core.hookspecs import hookimpl
 from instructrl.core.io import is_global_zero, write_json
 from instructrl.core.models import require_model_dir
@@ -68,8 +68,9 @@ class EvalSection:
 
     def __post_init__(self) -> None:
         positive(self, "n_prompts", "n_prompts_during", "temperature", "batch_size", "pretrain_docs")
-        if self.every < 0:
-            raise ValueError(f"every must be >= 0 (got {self.every})")
+        non_negative(self, "every", "n_samples")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 or null (got {self.max_new_tokens})")
 
 
 class WinStats(NamedTuple):

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from instructrl.core.config import Recipe
 from instructrl.core.errors import DataError
-from instructrl.core.fields import param, positive, unit_interval
+from instructrl.core.fields import non_negative, param, positive, unit_interval
 from instructrl.core.hookspecs import hookimpl
 from instructrl.core.io import is_global_zero, write_json
 from instructrl.core.models import (
@@ -29,17 +29,21 @@ from instructrl.core.training import (
     StageContext,
     cache_blocks,
     devices,
+    eval_loader,
     fit,
     lr_lambda,
     make_trainer,
     pack_docs,
     pad_right,
+    resumable_loader,
+    resume_path,
     seed_everything,
+    stage_checkpoint,
     tokenize_docs,
 )
 from instructrl.core.types import position_ids_from_mask
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 if TYPE_CHECKING:
     from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
@@ -93,6 +97,11 @@ class PretrainSection:
 
     def __post_init__(self) -> None:
         positive(self, "steps", "batch_size", "seq_len", "lr")
+        non_negative(self, "warmup_steps", "weight_decay")
+        if self.seq_len < 2:
+            raise ValueError(
+                f"seq_len must be >= 2: a sequence needs a token to predict (got {self.seq_len})"
+            )
 
 
 @dataclass
@@ -117,6 +126,7 @@ class SFTSection:
 
     def __post_init__(self) -> None:
         positive(self, "epochs", "batch_size", "lr")
+        non_negative(self, "weight_decay")
         unit_interval(self, "warmup_ratio", "dropout", "val_fraction")
 
 
@@ -307,24 +317,20 @@ class PretrainStage:
             schedule="cosine",
             prefix="pretrain",
         )
-        gen = torch.Generator().manual_seed(cfg.seed)
-        loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=True)
-        val = (
-            DataLoader(val_rows, batch_size=64, collate_fn=collate_docs(tokenizer.pad_token_id))
-            if val_rows
-            else None
-        )
+        # data order: a seeded permutation per epoch, resumable mid-epoch (core.training.EpochBatchSampler)
+        loader = resumable_loader(train, cfg.batch_size, seed=cfg.seed, shuffle=True, drop_last=True)
+        val = eval_loader(val_rows, 64, collate_fn=collate_docs(tokenizer.pad_token_id)) if val_rows else None
         val_every = max(1, min(cfg.steps, 500))
         trainer = make_trainer(
             ctx,
+            checkpoint=stage_checkpoint(ctx, cfg.steps),
             max_steps=cfg.steps,
             max_epochs=-1,
             val_check_interval=val_every,
             check_val_every_n_epoch=None,
-            enable_checkpointing=False,
+            use_distributed_sampler=False,
         )
-        fit(trainer, module, loader, val)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        metrics = fit(trainer, module, loader, val, ckpt_path=resume_path(ctx))
         if is_global_zero():
             save_model_dir(model, tokenizer, ctx.model_dir)
         trainer.strategy.barrier()
@@ -402,19 +408,19 @@ class SFTStage:
             schedule=cfg.schedule,
             prefix="sft",
         )
-        gen = torch.Generator().manual_seed(cfg.seed)
-        loader = DataLoader(
+        # data order: a seeded permutation per epoch, resumable mid-epoch (core.training.EpochBatchSampler)
+        loader = resumable_loader(
             train,
-            batch_size=cfg.batch_size,
-            shuffle=True,
-            generator=gen,
+            cfg.batch_size,
+            seed=cfg.seed,
             collate_fn=train.collate,
             drop_last=len(train) > cfg.batch_size,
         )
-        vloader = DataLoader(val, batch_size=64, collate_fn=val.collate) if val else None
-        trainer = make_trainer(ctx, max_epochs=cfg.epochs, enable_checkpointing=False)
-        fit(trainer, module, loader, vloader)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        vloader = eval_loader(val, 64, collate_fn=val.collate) if val else None
+        trainer = make_trainer(
+            ctx, checkpoint=stage_checkpoint(ctx, total), max_epochs=cfg.epochs, use_distributed_sampler=False
+        )
+        metrics = fit(trainer, module, loader, vloader, ckpt_path=resume_path(ctx))
         set_dropout(model, 0.0)
         if is_global_zero():
             save_model_dir(model, tokenizer, ctx.model_dir)

@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING
 
 import torch
 from instructrl.core.errors import RunFailure
-from instructrl.core.ops import aggregate, global_mean, masked_mean, masked_var
+from instructrl.core.ops import aggregate, and_finite, finite_flags, global_mean, masked_mean, masked_var
 from instructrl.core.training import Timer, encode_prompts
 from instructrl.core.types import (
     AdvantageInput,
     ExtraLossInput,
     KLInput,
     ObjectiveInput,
+    PolicyOutput,
     Prompt,
     RewardInput,
     TokenBatch,
@@ -72,8 +73,8 @@ class Experience:
 
     batch: TokenBatch
     group_ids: Tensor  # (B,)
-    old_logprobs: Tensor
-    ref_logprobs: Tensor
+    old_logprobs: Tensor  # the sampler's when s.old_from_rollout (no separate forward)
+    ref_logprobs: Tensor | None  # None without a KL term (no reference forward)
     ref_logits: Tensor | None  # (B, R, V) only for KL estimators that need logits
     values: Tensor | None
     advantages: Tensor
@@ -82,6 +83,7 @@ class Experience:
     kl: Tensor  # (B,) per-sequence KL used in the reward / logged
     metrics: dict[str, float]
     stats: dict[str, list[Tensor]] = field(default_factory=dict)  # step 6 accumulates here
+    finite: dict[str, Tensor] = field(default_factory=dict)  # 0-dim bool per guarded quantity (rl.py reads)
 
 
 def apply_transforms(c: RLComponents, inp: TransformInput, metrics: dict[str, float] | None) -> Tensor:
@@ -103,8 +105,7 @@ def experience(
     k, device = s.samples_per_prompt, next(c.policy.model.parameters()).device
     prompts = [p for p in prompts for _ in range(k)]
     group_ids = torch.arange(len(prompts), device=device) // k
-    ids, mask = encode_prompts(c.policy.tokenizer, [p.text for p in prompts], s.max_prompt_tokens)
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = (t.to(device) for t in encode_prompts(c.policy.tokenizer, [p.text for p in prompts], s.max_prompt_tokens))  # fmt: skip
     torch.manual_seed(s.seed * 7_919 + iteration * 104_729 + rank)
     gen_kw = {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature}
 
@@ -122,10 +123,11 @@ def experience(
             greedy_inp = RewardInput(prompts=prompts, completions=greedy.completions, batch=greedy.batch)
             greedy_raw = c.reward.score(greedy_inp).float()
 
-    # 3. reference: old logprobs, reference logprobs, values
+    # 3. reference: old logprobs (on-policy: the sampler's), reference logprobs (if a KL term is active), values
     with timer("reference"):
-        old = c.policy.forward(batch, temperature=s.temperature, return_logits=s.needs_logits)
-        ref = c.reference.forward(batch, temperature=s.temperature, return_logits=s.needs_logits)
+        reuse = s.old_from_rollout and gen.logprobs is not None and gen.entropy is not None
+        old = PolicyOutput(gen.logprobs, gen.entropy) if reuse else c.policy.forward(batch, temperature=s.temperature, return_logits=s.needs_logits)  # type: ignore[arg-type]  # fmt: skip
+        ref = c.reference.forward(batch, temperature=s.temperature, return_logits=s.needs_logits) if s.kl_active else None  # fmt: skip
         values = c.value.values(batch).float() if c.value is not None else None
 
     # 4. shape: reward transforms on the sequence scores, then the per-token KL penalty
@@ -143,10 +145,8 @@ def experience(
             max_new_tokens=s.max_new_tokens, iteration=iteration, is_baseline=True,
         )  # fmt: skip
         baseline = apply_transforms(c, base_inp, None)
-    kl_inp = KLInput(
-        logprobs=old.logprobs, ref_logprobs=ref.logprobs, mask=rmask, logits=old.logits, ref_logits=ref.logits
-    )
-    kl_tok = c.kl_estimator(kl_inp).float() * rmask
+    kl_inp = KLInput(logprobs=old.logprobs, ref_logprobs=ref.logprobs, mask=rmask, logits=old.logits, ref_logits=ref.logits) if ref is not None else None  # fmt: skip
+    kl_tok = c.kl_estimator(kl_inp).float() * rmask if kl_inp else torch.zeros_like(rmask)  # kl/* read 0  # fmt: skip
     beta = float(c.kl_controller.coef)
     rewards = per_token_rewards(shaped, kl_tok, rmask, beta if s.kl_in_reward else 0.0)
 
@@ -160,8 +160,7 @@ def experience(
 
     # statistics of this rollout (step 7 logs them with the training statistics)
     kl_seq = kl_tok.sum(-1)
-    m.update(
-        {
+    m.update({
             "reward/raw": global_mean(raw),
             "reward/shaped": global_mean(shaped),
             "reward/total": global_mean(rewards.sum(-1)),
@@ -173,8 +172,8 @@ def experience(
             "response/length": global_mean(lengths.float()),
             "response/eos_rate": global_mean(gen.ended.float()),
             "policy/entropy_rollout": float(masked_mean(old.entropy, rmask, global_=True)),
-        }
-    )
+            "forwards/skipped_old": float(reuse), "forwards/skipped_reference": float(ref is None),
+    })  # fmt: skip
     if baseline is not None:
         m["reward/baseline"] = global_mean(baseline)
     if values is not None and adv.returns is not None:
@@ -182,8 +181,9 @@ def experience(
         m["value/mean"] = float(masked_mean(values, rmask, global_=True))
         m["returns/mean"] = float(masked_mean(adv.returns, rmask, global_=True))
     return Experience(
-        batch, group_ids, old.logprobs, ref.logprobs, ref.logits, values, adv.advantages, adv.returns,
-        shaped, kl_seq, m,
+        batch, group_ids, old.logprobs, ref and ref.logprobs, ref and ref.logits, values, adv.advantages, adv.returns,
+        shaped, kl_seq, m, finite=finite_flags({"raw rewards": raw, "baseline rewards": baseline, "shaped rewards": shaped,
+        "per-token rewards": rewards, "advantages": adv.advantages, "returns": adv.returns}),  # the guard's order
     )  # fmt: skip
 
 
@@ -204,8 +204,8 @@ class MicroStep:
 
 
 def update_plan(n_episodes: int, s: Settings, iteration: int) -> list[MicroStep]:
-    """The order of step 6: for each epoch a seeded permutation, cut into minibatches, each cut
-    into micro-batches of ``micro_batch_size`` rows."""
+    """The order of step 6: for each epoch a seeded permutation, cut into minibatches, each cut (in
+    row order) into micro-batches of ``micro_batch_size`` rows."""
     gen = torch.Generator().manual_seed(s.seed * 31 + iteration)
     size = n_episodes // s.minibatches
     micro = s.micro_batch_size or size
@@ -213,6 +213,7 @@ def update_plan(n_episodes: int, s: Settings, iteration: int) -> list[MicroStep]
     for _ in range(s.epochs):
         order = torch.randperm(n_episodes, generator=gen)
         for mb in order.split(size):
+            mb = mb.sort().values  # a prompt's samples in one micro-batch: they share its forward (hf policy)
             for i, rows in enumerate(mb.split(micro)):
                 plan.append(MicroStep(rows, mb, i, size // micro, not plan))
     return plan
@@ -258,14 +259,14 @@ def micro_batch_loss(
     obj = c.objective(
         ObjectiveInput(
             logprobs=out.logprobs, old_logprobs=old, advantages=exp.advantages[rows], mask=mask,
-            entropy=out.entropy, ref_logprobs=exp.ref_logprobs[rows], group_ids=exp.group_ids[rows],
+            entropy=out.entropy, ref_logprobs=None if exp.ref_logprobs is None else exp.ref_logprobs[rows], group_ids=exp.group_ids[rows],
             values=exp.values[rows] if exp.values is not None else None,
             returns=exp.returns[rows] if exp.returns is not None else None,
             iteration=iteration, progress=iteration / s.iterations,
         )
     )  # fmt: skip
     per_token = obj.loss
-    if kl_loss:
+    if kl_loss and exp.ref_logprobs is not None:  # a KL term is active
         ref_logits = exp.ref_logits[rows] if exp.ref_logits is not None else None
         kl_inp = KLInput(logprobs=out.logprobs, ref_logprobs=exp.ref_logprobs[rows], mask=mask, logits=out.logits, ref_logits=ref_logits)  # fmt: skip
         kl = c.kl_estimator(kl_inp)
@@ -296,4 +297,4 @@ def micro_batch_loss(
         loss = loss + e.loss
         for key, v in e.metrics.items():
             record(f"{name}/{key}", v)
-    return loss
+    return and_finite(exp.finite, "loss", loss)  # the guard checks it before the optimiser step

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from instructrl.core.config import Recipe
 from instructrl.core.errors import DataError
-from instructrl.core.fields import param, positive, unit_interval
+from instructrl.core.fields import non_negative, param, positive, unit_interval
 from instructrl.core.hookspecs import hookimpl
 from instructrl.core.io import is_global_zero, write_json
 from instructrl.core.models import (
@@ -41,14 +41,16 @@ from instructrl.core.training import (
     fit,
     lr_lambda,
     make_trainer,
+    resumable_loader,
+    resume_path,
     sample_completions,
     score_completions,
     seed_everything,
+    stage_checkpoint,
 )
 from instructrl.core.types import Completion, Prompt, Ranking, TokenBatch
 from instructrl.plugins.hf import LearnedReward
 from torch import Tensor
-from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
@@ -75,6 +77,7 @@ class RMSection:
 
     def __post_init__(self) -> None:
         positive(self, "epochs", "batch_size", "lr", "sample_temperature", "max_new_tokens")
+        non_negative(self, "weight_decay")
         unit_interval(self, "warmup_ratio")
 
 
@@ -332,17 +335,18 @@ class RMStage:
             total_steps=steps,
             warmup_steps=int(cfg.warmup_ratio * steps),
         )
-        gen = torch.Generator().manual_seed(cfg.seed)
-        loader = DataLoader(
+        module.train_acc.persistent(True)  # the epoch's running accuracy survives a mid-epoch resume
+        # data order: a seeded permutation per epoch, resumable mid-epoch (core.training.EpochBatchSampler)
+        loader = resumable_loader(
             train,
-            batch_size=cfg.batch_size,
-            shuffle=True,
-            generator=gen,
+            cfg.batch_size,
+            seed=cfg.seed,
             collate_fn=lambda rs: collate_rankings(tokenizer, rs, max_prompt, max_response),
         )
-        trainer = make_trainer(ctx, max_epochs=cfg.epochs, enable_checkpointing=False)
-        fit(trainer, module, loader)
-        fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        trainer = make_trainer(
+            ctx, checkpoint=stage_checkpoint(ctx, steps), max_epochs=cfg.epochs, use_distributed_sampler=False
+        )
+        fit_metrics = fit(trainer, module, loader, ckpt_path=resume_path(ctx))
         # 3. Held-out accuracy and the demonstrations' mean score (demo_bias reads it in RL).
         metrics = evaluate_rankings(model, tokenizer, held_out, task, max_prompt, max_response)
         demo_scores = score_demos(model, tokenizer, task, max_prompt, max_response)

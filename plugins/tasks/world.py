@@ -317,17 +317,12 @@ class WorldConfig:
             raise ValueError(f"labeler_temperature must be > 0 (got {self.labeler_temperature})")
         if self.tie_margin < 0:
             raise ValueError(f"tie_margin must be >= 0 (got {self.tie_margin})")
-        for name in (
-            "n_demos",
-            "n_rank_prompts",
-            "n_rank_eval_prompts",
-            "n_rl_prompts",
-            "n_eval_prompts",
-            "n_pretrain_docs",
-            "n_pretrain_eval_docs",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
+        # the smallest size each stream can have and still feed its stage (held-out ones may be empty)
+        least = {"n_demos": 2, "n_rank_prompts": 1, "n_rank_eval_prompts": 0, "n_rl_prompts": 1,
+                 "n_eval_prompts": 1, "n_pretrain_docs": 1, "n_pretrain_eval_docs": 0}  # fmt: skip
+        for name, low in least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low} (got {getattr(self, name)})")
         capacity = len(self.kinds) * sum(26**n for n in range(self.min_len, self.max_len + 1))
         needed = (
             self.n_demos

@@ -154,3 +154,70 @@ def test_estimator_requirements_are_declared_not_built(registry):
 def test_gae_config_errors():
     with pytest.raises(ConfigError, match=r"^advantage\.lam must be in \[0, 1\] \(got 1\.5\)$"):
         validate(GAEConfig, {"lam": 1.5}, "advantage")
+
+
+def grpo_loop(returns, groups, eps):
+    """Plain-loop GRPO: per group (G − mean)/(unbiased std + eps), 0 for a group of equal returns."""
+    out = []
+    for i in range(len(returns)):
+        vals = [float(returns[j]) for j in range(len(returns)) if groups[j] == groups[i]]
+        mean = sum(vals) / len(vals)
+        std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+        out.append(0.0 if std == 0 else (float(returns[i]) - mean) / (std + eps))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-6, 0.1])
+def test_grpo_gives_constant_groups_zero_advantage_for_every_eps(eps):
+    # group 0: [1, 2, 3] mean 2, std 1 → [-1, 0, 1]/(1 + eps); group 1: [4, 4] (std 0: was NaN with eps 0)
+    # group 2: four 1000.1 (float32 mean off by an ulp gave ±1 noise without the shift)
+    returns = torch.tensor([1.0, 4.0, 2.0, 1000.1, 4.0, 3.0, 1000.1, 1000.1, 1000.1])
+    groups = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2, 2])
+    out = grpo_advantages(returns, groups, True, eps)
+    expected = torch.tensor([-1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]) / torch.tensor(
+        [1 + eps, 1, 1 + eps, 1, 1, 1 + eps, 1, 1, 1]
+    )
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert out[[1, 3, 4, 6, 7, 8]].abs().max().item() == 0.0  # exactly 0
+    torch.testing.assert_close(out, grpo_loop(returns, groups, eps), rtol=0, atol=1e-6)
+    torch.testing.assert_close(grpo_advantages(returns, groups, False)[[1, 3, 4, 6, 7, 8]], torch.zeros(6))
+
+
+def test_rloo_of_equal_returns_is_exactly_zero_even_whitened(registry):
+    # float32 gave 6.1e-5 for four 1000.1 (the group sum rounds); the max-shift makes it exact
+    returns = torch.tensor([1000.1] * 4 + [-3.0, -3.0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1])
+    assert rloo_advantages(returns, groups).abs().max().item() == 0.0
+    rewards = torch.zeros(6, 3)
+    rewards[:, -1] = returns
+    inp = AdvantageInput(rewards=rewards, values=None, mask=torch.ones(6, 3), group_ids=groups)
+    assert build(registry, "rloo", whiten=True)(inp).advantages.abs().max().item() == 0.0
+
+
+def test_reinforce_pp_whitening_of_equal_returns_and_of_one_token_is_zero(registry):
+    # equal returns-to-go 1000.1 on every real token whitened to -0.51 in float32; float64 gives 0
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    rewards = torch.zeros(3, 4)
+    rewards[0, 2], rewards[1, 1], rewards[2, 3] = 1000.1, 1000.1, 1000.1
+    est = build(registry, "reinforce_pp")
+    out = est(AdvantageInput(rewards=rewards, values=None, mask=mask, group_ids=torch.arange(3))).advantages
+    torch.testing.assert_close(out, torch.zeros(3, 4), rtol=0, atol=1e-6)
+    # a batch of one real token: its std is 0, so it whitens to 0 (not NaN)
+    one = AdvantageInput(
+        rewards=torch.tensor([[2.5, 9.0]]),
+        values=None,
+        mask=torch.tensor([[1.0, 0.0]]),
+        group_ids=torch.zeros(1),
+    )
+    torch.testing.assert_close(est(one).advantages, torch.zeros(1, 2))
+    # an ordinary batch against a loop: returns-to-go, then (G − mean)/sqrt(unbiased var + 1e-8) over real tokens
+    r, _, m, lengths = random_padded(b=5, seed=7)
+    out = est(AdvantageInput(rewards=r, values=None, mask=m, group_ids=torch.arange(5))).advantages
+    togo = [
+        [sum(float(r[i, s]) for s in range(t, n)) for t in range(n)] for i, n in enumerate(lengths.tolist())
+    ]
+    flat = [v for row in togo for v in row]
+    mean = sum(flat) / len(flat)
+    std = (sum((v - mean) ** 2 for v in flat) / (len(flat) - 1) + 1e-8) ** 0.5
+    for i, row in enumerate(togo):
+        torch.testing.assert_close(out[i, : len(row)], torch.tensor([(v - mean) / std for v in row]))

@@ -96,13 +96,71 @@ def test_plain_text_pretraining_is_split_on_blank_lines(tmp_path):
     ],
 )
 def test_bad_rows_name_file_and_line(tmp_path, rows, key, message):
+    """Caught when the config is validated (every row is read then), not when a stage asks."""
     path = jsonl(tmp_path / "d.jsonl", rows)
-    t = task(**{key: path})
-    with pytest.raises(DataError, match=message):
-        if key == "demonstrations":
-            t.demonstrations()
-        else:
-            t.rankings("train", None)
+    with pytest.raises(DataError, match=rf"^task\.{key}: .*{message}") as err:
+        task(**{key: path})
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "raw", "message"),
+    [
+        (
+            "demonstrations",
+            b"",
+            r"d\.jsonl: no rows; expected one JSON object per line with 'prompt' and 'completion'",
+        ),
+        ("prompts", b"\n  \n", r"d\.jsonl: no rows"),
+        (
+            "demonstrations",
+            b'{"prompt": "q", "completion": "a"}\n{"prompt": "caf\xe9"}\n',
+            r"d\.jsonl:2: not UTF-8",
+        ),
+        (
+            "comparisons",
+            b'{"prompt": "q", "chosen": "x", "rejected": "x"}\n',
+            r"d\.jsonl:1: 'chosen' and 'rejected' are the same text",
+        ),
+        (
+            "comparisons",
+            b'{"prompt": "q", "responses": ["a", "b", "a"], "ranks": [0, 1, 2]}\n',
+            r"d\.jsonl:1: responses\[0\] and responses\[2\] are the same text ranked differently",
+        ),
+        (
+            "comparisons",
+            b'{"prompt": "q", "responses": ["a", "b"], "ranks": [true, false]}\n',
+            r"d\.jsonl:1: 'ranks' must be",
+        ),
+        (
+            "comparisons",
+            b'{"prompt": "q", "responses": ["a", 3]}\n',
+            r"d\.jsonl:1: 'responses\[1\]' must be a string",
+        ),
+        ("eval_prompts", b'{"prompt": ""}\n', r"d\.jsonl:1: 'prompt' is empty"),
+        ("pretraining", b"\n\n \n", r"d\.jsonl: no rows; expected one JSON object per line with 'text'"),
+    ],
+)
+def test_empty_files_encodings_and_unusable_rows_are_caught_at_validation(tmp_path, key, raw, message):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(raw)
+    with pytest.raises(DataError, match=rf"^task\.{key}: .*{message}"):
+        task(**{key: str(path)})
+
+
+def test_plain_text_files_name_the_line_of_a_bad_byte_and_reject_empty_text(tmp_path):
+    bad = tmp_path / "corpus.txt"
+    bad.write_bytes(b"one\n\ntwo\nthr\xffee\n")
+    with pytest.raises(DataError, match=r"^task\.pretraining: .*corpus\.txt:4: not UTF-8 text \(byte 0xff\)"):
+        task(pretraining=str(bad))
+    bad.write_text("\n \n\t\n")
+    with pytest.raises(DataError, match=r"corpus\.txt: no text"):
+        task(pretraining=str(bad))
+    bad.write_bytes("\ufeffdoc one\r\n\r\ndoc two\r\n".encode())  # BOM and CRLF are fine
+    assert task(pretraining=str(bad), pretrain_eval_fraction=0.0).pretraining_text("train") == [
+        "doc one",
+        "doc two",
+    ]
 
 
 def test_missing_file_is_a_config_error(tmp_path):
