@@ -1,7 +1,7 @@
 """instructrl against TRL's GRPOTrainer (and RLOOTrainer) on the same job, each in its own process.
 
 The job (the one the performance issue was measured on): a random-init Llama and a 512-token
-byte-level BPE tokenizer trained locally (``instructrl.core.models.train_tokenizer``), saved as HF
+byte-level BPE tokenizer trained locally (``instructrl.plugins.models.train_tokenizer``), saved as HF
 dirs; 16 prompts × 4 samples × 32 new tokens; GRPO advantages, the k3 KL in the loss at β = 0.04;
 1 epoch × 1 minibatch; lr 1e-4 constant; AdamW eps 1e-5, grad-norm clip 1; fp32 (unless the row
 says bf16-mixed); 2 threads. Both frameworks get the identical 16 prompts and the same Python
@@ -71,7 +71,7 @@ def reward(prompts: list[str], completions: list[str], **fields: object) -> list
 def build_assets(out: Path) -> dict[str, object]:
     """The tokenizer, the models and the prompt file under ``out``; returns their description."""
     import torch
-    from instructrl.core.models import count_parameters, save_model_dir, train_tokenizer
+    from instructrl.plugins.models import count_parameters, save_model_dir, train_tokenizer
     from instructrl.plugins.tasks.world import World, WorldConfig
     from transformers import LlamaConfig, LlamaForCausalLM
 

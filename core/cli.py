@@ -167,26 +167,10 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """What the run would say about ``--run-dir`` (``--dry-run`` included), before anything else:
-    a file is not a run dir, and a non-empty dir needs ``--resume`` or ``--overwrite``. Only the
-    process that writes the run dir checks (DDP workers re-run this command after rank 0 wrote it)."""
-    from .io import is_global_zero
-
-    if not is_global_zero():
-        return
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ArgumentError(f"--run-dir: {run_dir} exists and is not a directory")
-    if run_dir.is_dir() and not (resume or overwrite) and any(run_dir.iterdir()):
-        raise ArgumentError(
-            f"--run-dir: {run_dir} exists and is not empty; pass --resume to continue it or --overwrite to replace it"
-        )
-
-
 def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .api import describe
     from .config import load_recipe
-    from .runner import default_run_dir, run_recipe
+    from .runner import default_run_dir, prepare_run_dir, run_recipe
 
     if args.resume and args.overwrite:
         raise ArgumentError("instructrl run: --resume and --overwrite cannot be combined")
@@ -196,7 +180,7 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.quiet:
         overrides.insert(0, "trainer.enable_progress_bar=false")
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.recipe)
-    check_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
+    prepare_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)  # before anything else
     recipe = load_recipe(args.recipe, overrides, smoke=args.smoke)
     if args.dry_run:
         info = describe(recipe, run_dir, use_cache=not args.no_cache)

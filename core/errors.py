@@ -36,9 +36,7 @@ class PluginError(UserInputError):
 
 
 class RunFailure(InstructrlError):
-    """A stage failed while running; the message names the stage."""
-
-    exit_code = 1
+    """A stage failed while running; the message names the stage. Exit code 1."""
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -31,6 +31,7 @@ def param(
     *,
     factory: Any = None,
     model_path: str | None = None,
+    resume_safe: bool = False,
 ) -> Any:
     """A dataclass field with a one-line ``help`` (shown in the recipe reference). Use ``factory``
     for mutable defaults.
@@ -38,11 +39,12 @@ def param(
     ``model_path`` marks a field holding a model directory (or an ``@stage`` reference):
     ``"weights"`` (the component's own weights), ``"reference"`` (a policy's KL reference) or
     ``"input"`` (any other model a stage reads). The launcher checks such paths before anything
-    runs and orders stages by the ``@stage`` references in them.
+    runs and orders stages by the ``@stage`` references in them. ``resume_safe`` marks a stage
+    section's key that a ``--resume`` may change (``rl.iterations`` extends a run).
     """
     if model_path is not None and model_path not in MODEL_PATH_ROLES:
         raise ValueError(f"model_path must be one of {', '.join(MODEL_PATH_ROLES)} (got {model_path!r})")
-    meta = {"help": help, "model_path": model_path}
+    meta = {"help": help, "model_path": model_path, "resume_safe": resume_safe}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

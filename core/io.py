@@ -1,5 +1,5 @@
 """Files a run writes: every file is written atomically (temp file, fsync, rename), and which
-process writes them."""
+process writes them; the check that a path is an HF model dir."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import IO, Any
 import torch
 
 from . import faults
+from .errors import ConfigError
 
 
 def is_global_zero() -> bool:
@@ -100,3 +101,38 @@ def write_json(path: Path, data: Any) -> None:
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path``."""
     return json.loads(Path(path).read_text())
+
+
+TOKENIZER_FILES = ("tokenizer.json",)
+"""A fast tokenizer in one file; or ``tokenizer_config.json`` with one of :data:`VOCAB_FILES`."""
+VOCAB_FILES = ("vocab.json", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
+def require_model_dir(path: str | os.PathLike[str], key: str) -> Path:
+    """Check that ``path`` is an HF model dir: a readable ``config.json`` and tokenizer files
+    (``tokenizer.json``, or ``tokenizer_config.json`` with a vocabulary file); a one-line
+    ConfigError naming ``key`` otherwise. Nothing is loaded."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{key}: model dir not found: {p}")
+    if not p.is_dir():
+        raise ConfigError(f"{key}: not a model dir (a file): {p}")
+    config = p / "config.json"
+    if not config.is_file():
+        raise ConfigError(f"{key}: not an HF model dir (no config.json): {p}")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        where = f":{exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise ConfigError(f"{key}: {config}{where}: unreadable config.json ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key}: {config}: config.json must be a JSON object")
+    has_tokenizer = any((p / f).is_file() for f in TOKENIZER_FILES) or (
+        (p / "tokenizer_config.json").is_file() and any((p / f).is_file() for f in VOCAB_FILES)
+    )
+    if not has_tokenizer:
+        raise ConfigError(
+            f"{key}: no tokenizer in {p} (expected tokenizer.json, or tokenizer_config.json with "
+            f"{' / '.join(VOCAB_FILES)}); save it with tokenizer.save_pretrained(dir)"
+        )
+    return p

@@ -8,8 +8,6 @@ numbers; in a single process they are plain masked statistics.
 from __future__ import annotations
 
 import typing
-from collections.abc import Callable, Mapping
-from functools import partial
 from typing import Literal
 
 import torch
@@ -124,39 +122,6 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def _head_stats(head: Callable[[Tensor], Tensor], hidden: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor]:  # fmt: skip
-    logp = (head(hidden).float() / temperature).log_softmax(-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
-
-
-def logprobs_and_entropy(
-    head: Callable[[Tensor], Tensor], hidden: Tensor, tokens: Tensor, temperature: float, *,
-    chunk_tokens: int | None = None, return_logits: bool = False,
-) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
-    """``(logprobs, entropy, tempered logits or None)`` of ``softmax(head(hidden) / T)`` at ``tokens``,
-    fp32. Shapes: ``hidden (B, R, H)``, ``tokens (B, R)`` → ``(B, R)``, ``(B, R)``, ``(B, R, V)``.
-
-    With ``chunk_tokens`` (and without ``return_logits``) the head and the log-softmax run on at
-    most that many positions at a time and, under autograd, each chunk is recomputed in the
-    backward (activation checkpointing): no ``(B, R, V)`` tensor is ever held, at the price of one
-    more head matmul in the backward. Same values as the one-chunk path (row-wise operations)."""
-    n = tokens.numel()
-    if return_logits or chunk_tokens is None or chunk_tokens >= n:
-        logits = head(hidden).float() / temperature
-        logp = logits.log_softmax(-1)
-        entropy = -(logp.exp() * logp).sum(-1)
-        return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), entropy, logits if return_logits else None
-    from torch.utils.checkpoint import checkpoint
-
-    flat_h, flat_t = hidden.reshape(n, hidden.shape[-1]), tokens.reshape(n)
-    stats = partial(checkpoint, _head_stats, use_reentrant=False) if torch.is_grad_enabled() else _head_stats
-    parts = [
-        stats(head, h, t, temperature) for h, t in zip(flat_h.split(chunk_tokens), flat_t.split(chunk_tokens))
-    ]
-    lp, ent = (torch.cat(x).view(tokens.shape) for x in zip(*parts))
-    return lp, ent, None
-
-
 def all_gather(x: Tensor) -> Tensor:
     """``x`` from every process concatenated along dim 0 (``x`` itself in a single process).
 
@@ -180,35 +145,3 @@ def global_mean(x: Tensor) -> float:
     x = x.detach().float().reshape(-1)
     s = all_reduce_sum(torch.stack([x.sum(), torch.tensor(float(x.numel()), device=x.device)]))
     return float(s[0] / s[1]) if float(s[1]) > 0 else float("nan")
-
-
-# --------------------------------------------------------------------------------------------
-# Numerical guards: flags gathered without host syncs, read once (the RL stage's guard)
-# --------------------------------------------------------------------------------------------
-
-
-def finite_flags(named: Mapping[str, Tensor | None]) -> dict[str, Tensor]:
-    """``{name: isfinite(x).all()}`` for the tensors that are not ``None``: 0-dim bool tensors on
-    their device, no host sync (:func:`first_non_finite` reads them)."""
-    return {k: torch.isfinite(v.detach()).all() for k, v in named.items() if v is not None}
-
-
-def and_finite(flags: dict[str, Tensor], name: str, x: Tensor) -> Tensor:
-    """AND ``isfinite(x).all()`` into ``flags[name]`` (no host sync); returns ``x`` unchanged."""
-    ok = torch.isfinite(x.detach()).all()
-    flags[name] = flags[name].to(ok.device) & ok if name in flags else ok
-    return x
-
-
-def first_non_finite(flags: Mapping[str, Tensor]) -> str | None:
-    """The first name (in insertion order) whose flag is false on **any** process, or ``None``.
-
-    One all-reduce and one host sync, so every process stops at the same place (a process raising
-    alone would leave the others waiting in the next collective). Every process must pass the same
-    names in the same order."""
-    if not flags:
-        return None
-    names = list(flags)
-    device = flags[names[0]].device
-    bad = all_reduce_sum(torch.stack([~flags[n].to(device).reshape(()) for n in names]).float())
-    return next((n for n, b in zip(names, bad.tolist()) if b > 0), None)

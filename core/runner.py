@@ -14,6 +14,7 @@ that need the same entry at the same time build it once (a file lock).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import shutil
@@ -33,8 +34,7 @@ from . import faults
 from .config import Recipe, stable_hash
 from .errors import ConfigError, InstructrlError, RunFailure, one_of
 from .fields import model_path_fields
-from .io import atomic_write, clean_stale_temps, is_global_zero, read_json, write_json
-from .models import require_model_dir
+from .io import atomic_write, clean_stale_temps, is_global_zero, read_json, require_model_dir, write_json
 from .protocols import Stage
 from .training import CHECKPOINT_SUBDIR, LAST_CHECKPOINT, MODEL_SUBDIR, Interrupted, StageContext, check_stop
 
@@ -267,15 +267,9 @@ def provenance(recipe: Recipe, argv: list[str] | None) -> dict[str, Any]:
 
 LOCK_FILE = ".instructrl.lock"
 CONFIG_FILE = "config.yaml"
-SAFE_RESUME_KEYS = (
-    "rl.iterations",
-    "eval",
-    "loggers",
-    "trainer.enable_progress_bar",
-    "trainer.enable_model_summary",
-    "description",
-)
-"""Keys a ``--resume`` may change (``rl.iterations`` extends a run); any other difference is refused."""
+SAFE_RESUME_KEYS = ("loggers", "trainer.enable_progress_bar", "trainer.enable_model_summary", "description")
+"""Core keys a ``--resume`` may change; with the stage-section keys marked ``param(resume_safe=True)``
+(``rl.iterations`` extends a run) they are all (:func:`resume_safe_keys`); any other difference is refused."""
 _RUN_RECORDS = ("provenance", "resume_history")
 
 
@@ -284,7 +278,9 @@ def _contents(run_dir: Path) -> list[Path]:
 
 
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Check the run dir (read only): a non-empty existing dir needs ``resume`` or ``overwrite``."""
+    """Check the run dir (read only; ``--dry-run`` too): a file is not a run dir, and a non-empty dir
+    needs ``resume`` or ``overwrite``. Only the process that writes the run dir checks (DDP workers
+    re-run the command after rank 0 wrote it)."""
     if not is_global_zero():
         return
     if run_dir.exists() and not run_dir.is_dir():
@@ -306,13 +302,21 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _safe(key: str) -> bool:
-    return any(key == s or key.startswith(s + ".") for s in SAFE_RESUME_KEYS)
+def resume_safe_keys(recipe: Recipe) -> list[str]:
+    """:data:`SAFE_RESUME_KEYS` and every stage-section key marked ``resume_safe``."""
+    marked = [
+        f"{section}.{f.name}"
+        for impl in recipe.registry.stages().values()
+        for section, cls in impl.sections.items()
+        for f in dataclasses.fields(cls)
+        if f.metadata.get("resume_safe")
+    ]
+    return [*SAFE_RESUME_KEYS, *marked]
 
 
 def check_resume(run_dir: Path, recipe: Recipe) -> dict[str, list[Any]]:
     """Compare the resolved recipe with the run's ``config.yaml`` before anything is written:
-    ``{key: [saved, new]}`` of the differing keys when only :data:`SAFE_RESUME_KEYS` differ; a
+    ``{key: [saved, new]}`` of the differing keys when only :func:`resume_safe_keys` differ; a
     :class:`ConfigError` (exit 2) listing the others, or saying there is nothing to resume."""
     path = run_dir / CONFIG_FILE
     if not path.is_file():
@@ -337,13 +341,14 @@ def check_resume(run_dir: Path, recipe: Recipe) -> dict[str, list[Any]]:
         for k in sorted(set(old_flat) | set(new_flat))
         if old_flat.get(k, missing) != new_flat.get(k, missing)
     }
-    refused = [k for k in changed if not _safe(k)]
+    safe = resume_safe_keys(recipe)
+    refused = [k for k in changed if not any(k == s or k.startswith(s + ".") for s in safe)]
     if refused:
         shown = ", ".join(f"{k} ({changed[k][0]!r} → {changed[k][1]!r})" for k in refused[:12])
         more = f" and {len(refused) - 12} more" if len(refused) > 12 else ""
         raise ConfigError(
             f"--resume: the config differs from {path} in {shown}{more}; a resume may change only "
-            f"{', '.join(SAFE_RESUME_KEYS)} (give the run's original recipe and overrides, or start a new --run-dir)"
+            f"{', '.join(safe)} (give the run's original recipe and overrides, or start a new --run-dir)"
         )
     return changed
 

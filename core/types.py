@@ -9,7 +9,7 @@ sequence is ``[prompt | response]`` and the logits predicting response token ``t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -20,13 +20,9 @@ if TYPE_CHECKING:
     from .protocols import Policy, Task
 
 API_VERSION = 1
-"""The plugin API version. Bumped when a plugin-facing signature changes incompatibly; a plugin
-can check ``instructrl.core.plugin_api.API_VERSION`` at import time."""
+"""The plugin API version, bumped when a plugin-facing signature changes incompatibly."""
 
-# --------------------------------------------------------------------------------------------
 # Task data (strings)
-# --------------------------------------------------------------------------------------------
-
 FieldValue = str | int | float | bool | None
 
 
@@ -173,6 +169,12 @@ class Needs:
     # a logger that every stage gets whatever the ``loggers`` list says (``csv``: ``metrics.csv`` is what
     # reports and sweeps read).
     always_on: bool = False
+    # a KL controller: whether, with this config, it can ever apply a penalty (``fixed``: ``coef != 0``);
+    # ``None``: always. Without a penalty the RL step runs no reference forward.
+    active: Callable[[object], bool] | None = None
+    # ``check(config, recipe, stages)``: what depends on the rest of the recipe (``stages``: those that
+    # run or come from the cache), run at validation; raises ``ValueError("field: ...")``.
+    check: Callable[[object, object, Sequence[str]], None] | None = None
 
     def __post_init__(self) -> None:
         if self.min_samples_per_prompt < 1 or self.default_samples_per_prompt < self.min_samples_per_prompt:

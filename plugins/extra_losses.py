@@ -17,8 +17,8 @@ from instructrl.core.errors import DataError
 from instructrl.core.fields import param
 from instructrl.core.hookspecs import Register, hookimpl
 from instructrl.core.registry import BuildContext
-from instructrl.core.training import pack_docs
 from instructrl.core.types import ExtraLossInput, LossOutput, Needs, scalar
+from instructrl.plugins.stages.common import pack_docs
 from torch import Tensor
 
 

@@ -8,22 +8,15 @@ taken from ``logits / temperature`` at the sampling temperature, in fp32.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
 from instructrl.core.fields import param
 from instructrl.core.hookspecs import Register, hookimpl
-from instructrl.core.models import (
-    backbone_and_head,
-    load_causal_lm,
-    load_scalar_head_model,
-    load_tokenizer,
-    read_reward_stats,
-    save_model_dir,
-    score_last_token,
-)
-from instructrl.core.ops import logprobs_and_entropy, logprobs_from_logits
+from instructrl.core.ops import logprobs_from_logits
 from instructrl.core.registry import BuildContext
 from instructrl.core.types import (
     Completion,
@@ -34,6 +27,15 @@ from instructrl.core.types import (
     join_prompt_response,
     position_ids_from_mask,
 )
+from instructrl.plugins.models import (
+    backbone_and_head,
+    load_causal_lm,
+    load_scalar_head_model,
+    load_tokenizer,
+    read_reward_stats,
+    save_model_dir,
+    score_last_token,
+)
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -42,6 +44,39 @@ from .engine import PLAIN_HEAD_MODELS, response_hidden, sample_loop
 # --------------------------------------------------------------------------------------------
 # Policy
 # --------------------------------------------------------------------------------------------
+
+
+def _head_stats(head: Callable[[Tensor], Tensor], hidden: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor]:  # fmt: skip
+    logp = (head(hidden).float() / temperature).log_softmax(-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+def logprobs_and_entropy(
+    head: Callable[[Tensor], Tensor], hidden: Tensor, tokens: Tensor, temperature: float, *,
+    chunk_tokens: int | None = None, return_logits: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
+    """``(logprobs, entropy, tempered logits or None)`` of ``softmax(head(hidden) / T)`` at ``tokens``,
+    fp32. Shapes: ``hidden (B, R, H)``, ``tokens (B, R)`` → ``(B, R)``, ``(B, R)``, ``(B, R, V)``.
+
+    With ``chunk_tokens`` (and without ``return_logits``) the head and the log-softmax run on at
+    most that many positions at a time and, under autograd, each chunk is recomputed in the
+    backward (activation checkpointing): no ``(B, R, V)`` tensor is ever held, at the price of one
+    more head matmul in the backward. Same values as the one-chunk path (row-wise operations)."""
+    n = tokens.numel()
+    if return_logits or chunk_tokens is None or chunk_tokens >= n:
+        logits = head(hidden).float() / temperature
+        logp = logits.log_softmax(-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), entropy, logits if return_logits else None
+    from torch.utils.checkpoint import checkpoint
+
+    flat_h, flat_t = hidden.reshape(n, hidden.shape[-1]), tokens.reshape(n)
+    stats = partial(checkpoint, _head_stats, use_reentrant=False) if torch.is_grad_enabled() else _head_stats
+    parts = [
+        stats(head, h, t, temperature) for h, t in zip(flat_h.split(chunk_tokens), flat_t.split(chunk_tokens))
+    ]
+    lp, ent = (torch.cat(x).view(tokens.shape) for x in zip(*parts))
+    return lp, ent, None
 
 
 @dataclass

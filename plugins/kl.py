@@ -154,6 +154,11 @@ class AdaptiveKLConfig:
             raise ValueError(f"horizon must be > 0 (got {self.horizon})")
 
 
+def _penalises(config: object) -> bool:
+    """A fixed controller applies a penalty unless ``coef`` is 0."""
+    return not (isinstance(config, FixedKLConfig) and config.coef == 0.0)
+
+
 class FixedKL:
     """A constant β."""
 
@@ -208,5 +213,5 @@ def register_kl_estimators(register: Register) -> None:
 
 @hookimpl
 def register_kl_controllers(register: Register) -> None:
-    register("fixed", make_fixed, config=FixedKLConfig)
+    register("fixed", make_fixed, config=FixedKLConfig, needs=Needs(active=_penalises))
     register("adaptive", make_adaptive, config=AdaptiveKLConfig)

@@ -98,8 +98,8 @@ class ResumableCSVLogger(CSVLogger):
     """A :class:`lightning.pytorch.loggers.CSVLogger` whose ``metrics.csv`` is rewritten atomically
     on every flush (a kill never leaves a half-written file) and survives a resume. Lightning's
     writer deletes the file when it starts; this one, when ``fit`` resumes a checkpoint
-    (``resuming``, set by :func:`instructrl.core.training.fit`), keeps the rows up to the
-    checkpoint's step (:meth:`resume_at`, called by :class:`~instructrl.core.training.StageCheckpoint`)
+    (``resuming``, set by :func:`instructrl.plugins.stages.common.fit`), keeps the rows up to the
+    checkpoint's step (:meth:`resume_at`, called by :class:`~instructrl.plugins.stages.common.StageCheckpoint`)
     and drops the later ones, which the resumed run logs again: no row lost, none duplicated."""
 
     resuming = False

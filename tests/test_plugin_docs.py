@@ -439,7 +439,7 @@ def test_run_a_stage_counts_the_example_task(runs):
 
 @pytest.mark.slow
 def test_run_a_policy_samples_and_scores_at_the_scaled_temperature(runs):
-    from instructrl.core.training import encode_prompts
+    from instructrl.plugins.stages.common import encode_prompts
 
     reg = runs.reg
     model_dir = str(runs.a / "rl" / "model")

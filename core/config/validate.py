@@ -6,7 +6,6 @@ prompt, whether a value model or logits are needed) computed once from what comp
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import re
 import types
@@ -19,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..errors import ConfigError, did_you_mean, one_of
-from ..fields import check_keys, check_seed, field_names, model_path_fields, to_plain, type_name, validate
+from ..fields import check_keys, check_seed, field_names, to_plain, type_name, validate
 from ..precision import resolve_precision
 from ..registry import Registry
 from .load import compose
@@ -47,8 +46,8 @@ class Derived:
         needs_logits: the KL estimator needs full-vocabulary logits.
         greedy_baseline: the estimator needs the greedy responses' rewards.
         stateful: ``(kind, name, recipe path)`` of every selected component whose state is checkpointed.
-        kl_active: a KL term is in play (any controller but ``fixed`` with ``coef: 0``); without one the RL
-            stage runs no reference forward.
+        kl_active: a KL term is in play (the controller's declared ``Needs.active``: ``fixed`` with
+            ``coef: 0`` has none); without one the RL stage runs no reference forward.
         precision: the top-level ``precision`` resolved on this host (``32`` or ``bf16-mixed``).
     """
 
@@ -179,7 +178,6 @@ def validate_recipe(cfg: DictConfig, registry: Registry) -> Recipe:
     full.precision_resolved = precision  # recorded in RUN/config.yaml
     recipe = Recipe(full, sections, choices, transforms, loggers, extra_losses, ignored, registry, derived)
     _check_components(recipe)
-    check_sequence_fits(recipe)
     return recipe
 
 
@@ -211,107 +209,24 @@ def planned_stages(recipe: Recipe) -> list[str]:
 
 
 def _check_components(recipe: Recipe) -> None:
-    """Call ``check_recipe(recipe, stages)`` of every selected component's config that defines it.
+    """Run the ``Needs.check(config, recipe, stages)`` every selected component declared.
 
-    A config dataclass checks its own fields in ``__post_init__``; ``check_recipe`` is for what
-    depends on the rest of the recipe (the stages that will run, the extra losses): e.g. the
-    ``jsonl`` task names ``task.pretraining`` when ptx is on without it. Like ``__post_init__``
-    it raises ``ValueError("field: ...")``; the block path is prefixed. Nothing is built.
+    A config dataclass checks its own fields in ``__post_init__``; ``check`` is for what depends on
+    the rest of the recipe (the stages that will run, the extra losses): e.g. the ``jsonl`` task
+    names ``task.pretraining`` when ptx is on without it. It raises ``ValueError("field: ...")``;
+    the block path is prefixed. Nothing is built.
     """
     selected = [*recipe.choices.values(), *recipe.transforms, *recipe.loggers, *recipe.extra_losses]
-    hooks = [(c, getattr(c.config, "check_recipe", None)) for c in selected]
-    hooks = [(c, h) for c, h in hooks if callable(h)]
-    if not hooks:
+    checks = [(c, recipe.registry.needs(c.kind, c.name).check) for c in selected]
+    checks = [(c, f) for c, f in checks if f is not None]
+    if not checks:
         return
     stages = planned_stages(recipe)
-    for choice, hook in hooks:
+    for choice, check in checks:
         try:
-            hook(recipe, stages)
+            check(choice.config, recipe, stages)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{choice.path}.{exc}") from None
-
-
-POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
-RELATIVE_POSITION_HINTS = ("rope", "rotary", "alibi")
-
-
-def learned_positions(model_dir: str | os.PathLike[str]) -> tuple[int, str] | None:
-    """``(positions, config key)`` of a model dir with learned absolute position embeddings (GPT-2's
-    ``n_positions``, OPT's ``max_position_embeddings``); ``None`` for rotary or ALiBi models (no
-    position table to overrun) and for dirs without a readable config.json."""
-    try:
-        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(config, dict):
-        return None
-    if any(h in str(k).lower() for k in config for h in RELATIVE_POSITION_HINTS):
-        return None
-    if config.get("position_embedding_type", "absolute") != "absolute":
-        return None
-    for key in POSITION_KEYS:
-        value = config.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value, key
-    return None
-
-
-def check_sequence_fits(recipe: Recipe) -> None:
-    """The rule for long prompts: ``rollout.max_prompt_tokens`` keeps the last tokens of a longer
-    prompt, and a prompt plus the longest response budget (``rollout`` / ``rm`` / ``eval``
-    ``max_new_tokens``) plus its end token must fit the positions of every model with learned
-    position embeddings: a model dir the recipe names (its config.json) and the base model the
-    pipeline builds when ``base.arch`` is ``gpt2`` (``base.max_positions``). So must the packed text
-    sequences: an active extra loss's ``seq_len`` (``ptx.seq_len``) and, for the built base model,
-    ``pretrain.seq_len``. Rotary models (Llama) have no position table and are not checked."""
-    sections = recipe.sections
-    rollout = sections.get("rollout")
-    prompt = getattr(rollout, "max_prompt_tokens", None)
-    if not isinstance(prompt, int):
-        return
-    budgets = [
-        (f"{name}.max_new_tokens", getattr(sections.get(name), "max_new_tokens", None))
-        for name in ("rollout", "rm", "eval")
-    ]
-    new_key, new = max(((k, v) for k, v in budgets if isinstance(v, int)), key=lambda b: b[1])
-    limits: list[tuple[str, int, str]] = []
-    blocks = [(name, sec) for name, sec in sections.items()]
-    blocks += [(c.path, c.config) for c in [*recipe.choices.values(), *recipe.extra_losses]]
-    for block, conf in blocks:
-        for name in model_path_fields(type(conf)) if conf is not None else ():
-            value = getattr(conf, name)
-            if isinstance(value, str) and not value.startswith("@"):
-                found = learned_positions(value)
-                if found is not None:
-                    limits.append((f"{block}.{name}", found[0], f"{found[1]} in {value}/config.json"))
-    base = sections.get("base")
-    if getattr(base, "arch", None) == "gpt2" and getattr(base, "model", "") is None:
-        owner = next((n for n, s in recipe.registry.stages().items() if "base" in s.sections), None)
-        if owner in planned_stages(recipe):
-            limits.append(("base.max_positions", base.max_positions, "the gpt2 model the pipeline builds"))
-    # (what needs positions, tokens, key to lower, value that fits) per limit
-    seq_lens = [
-        (f"{c.path}.seq_len", c.config.seq_len)
-        for c in recipe.extra_losses
-        if isinstance(getattr(c.config, "seq_len", None), int)
-    ]
-    for key, positions, where in limits:
-        room = positions - new - 1
-        needs = [
-            (
-                f"rollout.max_prompt_tokens + {new_key} = {prompt} + {new} (+1 end token)",
-                prompt + new + 1,
-                f"lower rollout.max_prompt_tokens to {room}"
-                if room >= 1
-                else f"lower {new_key} below {positions - 1}",
-            )
-        ]
-        pretrain_len = getattr(sections.get("pretrain"), "seq_len", None)
-        extra = [*seq_lens, *([("pretrain.seq_len", pretrain_len)] if key == "base.max_positions" else [])]
-        needs += [(f"{k} = {v}", v, f"lower {k} to {positions}") for k, v in extra if isinstance(v, int)]
-        for what, tokens, fix in needs:
-            if tokens > positions:
-                raise ConfigError(f"{what} does not fit the {positions} positions of {key} ({where}); {fix}")
 
 
 def derive(
@@ -343,15 +258,16 @@ def derive(
         needs_logits=registry.needs("kl_estimator", choices["kl.estimator"].name).logits,
         greedy_baseline=needs.greedy_baseline,
         stateful=stateful,
-        kl_active=kl_active(choices["kl.controller"]),
+        kl_active=kl_active(choices["kl.controller"], registry),
         precision=precision,
     )
 
 
-def kl_active(controller: Choice) -> bool:
-    """Whether the KL controller can ever apply a penalty, read from its config without building
-    it: only ``fixed`` with ``coef: 0`` cannot (an adaptive controller counts as active)."""
-    return not (controller.name == "fixed" and float(getattr(controller.config, "coef", 1.0)) == 0.0)
+def kl_active(controller: Choice, registry: Registry) -> bool:
+    """Whether the KL controller can ever apply a penalty: its declared ``Needs.active`` on its
+    config, read without building it (no declaration: always)."""
+    active = registry.needs(controller.kind, controller.name).active
+    return active is None or bool(active(controller.config))
 
 
 def _fill_defaults(

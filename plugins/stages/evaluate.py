@@ -24,19 +24,19 @@ from instructrl.core.config import Recipe
 from instructrl.core.errors import ConfigError
 from instructrl.core.fields import field_for_role, non_negative, param, positive
 from instructrl.core.hookspecs import hookimpl
-from instructrl.core.io import is_global_zero, write_json
-from instructrl.core.models import require_model_dir
+from instructrl.core.io import is_global_zero, require_model_dir, write_json
 from instructrl.core.protocols import GoldJudge, Policy, RewardModel
-from instructrl.core.training import (
-    StageContext,
+from instructrl.core.training import StageContext
+from instructrl.core.types import Generation, Prompt, RewardInput
+from instructrl.plugins.stages.common import (
     batched,
+    check_sequence_fits,
     encode_prompts,
     make_trainer,
     pad_right,
     seed_everything,
     tokenize_docs,
 )
-from instructrl.core.types import Generation, Prompt, RewardInput
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric, SumMetric
@@ -49,21 +49,26 @@ if TYPE_CHECKING:
 class EvalSection:
     """``eval``: held-out evaluation at the end of RL and every ``every`` iterations."""
 
-    n_prompts: int = param(500, "Held-out prompts in the final evaluation.")
-    every: int = param(25, "Evaluate every N RL iterations (0 = only at the end).")
-    n_prompts_during: int = param(128, "Held-out prompts in the periodic evaluation.")
-    temperature: float = param(1.0, "Sampling temperature of the T=1 comparison.")
-    greedy: bool = param(True, "Also compare greedy responses.")
-    max_new_tokens: int | None = param(None, "Response budget; null = rollout.max_new_tokens.")
-    batch_size: int = param(64, "Prompts per generation batch.")
-    n_samples: int = param(24, "Rows in the samples table (samples/eval.jsonl and the report).")
+    n_prompts: int = param(500, "Held-out prompts in the final evaluation.", resume_safe=True)
+    every: int = param(25, "Evaluate every N RL iterations (0 = only at the end).", resume_safe=True)
+    n_prompts_during: int = param(128, "Held-out prompts in the periodic evaluation.", resume_safe=True)
+    temperature: float = param(1.0, "Sampling temperature of the T=1 comparison.", resume_safe=True)
+    greedy: bool = param(True, "Also compare greedy responses.", resume_safe=True)
+    max_new_tokens: int | None = param(
+        None, "Response budget; null = rollout.max_new_tokens.", resume_safe=True
+    )
+    batch_size: int = param(64, "Prompts per generation batch.", resume_safe=True)
+    n_samples: int = param(
+        24, "Rows in the samples table (samples/eval.jsonl and the report).", resume_safe=True
+    )
     against: str | None = param(
         None,
         "The baseline of every win rate; null = the policy's initial weights (InstructGPT: the SFT model).",
         model_path="input",
+        resume_safe=True,
     )
     pretrain_docs: int = param(
-        256, "Held-out pretraining documents for the LM-loss (alignment tax) measurement."
+        256, "Held-out pretraining documents for the LM-loss (alignment tax) measurement.", resume_safe=True
     )
 
     def __post_init__(self) -> None:
@@ -269,10 +274,12 @@ def load_policy_dir(ctx: StageContext, path: str, key: str) -> Policy:
 
 
 def run_evaluation(
-    ctx: StageContext, policy_dir: str, reference_dir: str, base_dir: str | None, reward: RewardModel | None
-) -> dict[str, object]:
+    ctx: StageContext, policy_dir: str, reference_dir: str, base_dir: str | None, reward: RewardModel | None,
+    *, record: bool = True,
+) -> dict[str, object]:  # fmt: skip
     """Evaluate ``policy_dir`` against ``reference_dir`` on the task's held-out prompts, judged by
-    the task's gold judge (or ``reward`` when the task has none)."""
+    the task's gold judge (or ``reward`` when the task has none); ``record`` writes the samples and
+    ``summary.json``."""
     recipe = ctx.recipe
     cfg = recipe.section("eval")
     seed_everything(recipe.seed)
@@ -301,13 +308,14 @@ def run_evaluation(
         summary["eval/pretrain_loss_sft"] = lm_loss_on(reference, docs)
         if base_dir:
             summary["eval/pretrain_loss_base"] = lm_loss_on(load_policy_dir(ctx, base_dir, "base"), docs)
-    if is_global_zero():
+    if record and is_global_zero():
         samples_dir = ctx.stage_dir / "samples"
         samples_dir.mkdir(parents=True, exist_ok=True)
         with open(samples_dir / "eval.jsonl", "w") as f:
             for row in module.samples:
                 f.write(json.dumps(row) + "\n")
-    write_json(ctx.stage_dir / "summary.json", summary)
+    if record:
+        write_json(ctx.stage_dir / "summary.json", summary)
     return summary
 
 
@@ -325,13 +333,32 @@ def against(recipe: Recipe) -> str:
     return str(getattr(conf, name))
 
 
+def rl_start(recipe: Recipe) -> str | None:
+    """The policy's initial weights (``policy.model``: the RL init) when they are not the baseline
+    (``eval.against``): reported beside the RL policy; else ``None``."""
+    conf = recipe.choice("policy").config
+    name = field_for_role(type(conf), "weights") if conf is not None else None
+    start = getattr(conf, name) if name is not None else None
+    return str(start) if start and str(start) != against(recipe) else None
+
+
+INIT_KEYS = ("gold_score", "win_rate_vs_sft", "strict_win", "strict_loss", "kl_to_sft", "pretrain_loss")
+"""What the eval stage reports of the RL start (``eval/rl_start/<key>``), against the same baseline."""
+
+
 class EvalStage:
     """Compare the RL policy with the SFT policy on held-out prompts."""
 
     sections = {"eval": EvalSection}
 
     def inputs(self, recipe: Recipe) -> dict[str, object]:
-        return {"eval.policy": "@rl", "eval.against": against(recipe), "reward": recipe.cfg.get("reward")}
+        start = {"eval.rl_start": start} if (start := rl_start(recipe)) else {}
+        return {
+            "eval.policy": "@rl",
+            "eval.against": against(recipe),
+            **start,
+            "reward": recipe.cfg.get("reward"),
+        }
 
     def cache_key(self, recipe: Recipe) -> None:
         return None
@@ -341,12 +368,16 @@ class EvalStage:
 
     def check(self, recipe: Recipe) -> None:
         against(recipe)
+        check_sequence_fits(recipe)
 
     def describe(self, recipe: Recipe) -> dict[str, object]:
         cfg = recipe.section("eval")
         return {
             "held_out_prompts": cfg.n_prompts,
             "against": against(recipe),
+            "also_reported": f"the RL start {rl_start(recipe)} (eval/rl_start/*)"
+            if rl_start(recipe)
+            else None,
             "temperature": cfg.temperature,
             "greedy": cfg.greedy,
             "every_rl_iterations": cfg.every,
@@ -356,7 +387,17 @@ class EvalStage:
         reference = ctx.resolve(against(ctx.recipe), "eval.against")
         task = ctx.build_task()
         reward = ctx.build("reward", task=task, tokenizer=None)
-        return run_evaluation(ctx, ctx.paths["rl"], reference, ctx.paths.get("pretrain"), reward)
+        summary = run_evaluation(ctx, ctx.paths["rl"], reference, ctx.paths.get("pretrain"), reward)
+        start = rl_start(ctx.recipe)
+        if start is not None:  # the RL init's own numbers beside the RL policy's, same baseline and prompts
+            init = run_evaluation(
+                ctx, ctx.resolve(start, "policy.model"), reference, None, reward, record=False
+            )
+            summary.update(
+                {f"eval/rl_start/{k}": init[f"eval/{k}"] for k in INIT_KEYS if f"eval/{k}" in init}
+            )
+            write_json(ctx.stage_dir / "summary.json", summary)
+        return summary
 
 
 class EvalCommand:

@@ -27,7 +27,7 @@ from instructrl.core.errors import ConfigError, RunFailure
 from instructrl.core.fields import non_negative, param, positive, to_plain
 from instructrl.core.hookspecs import hookimpl
 from instructrl.core.io import is_global_zero, write_json
-from instructrl.core.ops import all_reduce_sum, first_non_finite, global_mean
+from instructrl.core.ops import all_reduce_sum, global_mean
 from instructrl.core.protocols import (
     AdvantageEstimator,
     ExtraLoss,
@@ -41,12 +41,13 @@ from instructrl.core.protocols import (
     Task,
     ValueModel,
 )
-from instructrl.core.training import (
-    CHECKPOINT_SUBDIR,
+from instructrl.core.training import CHECKPOINT_SUBDIR, StageContext, devices
+from instructrl.core.types import Completion, ControllerInput, Prompt, TokenBatch
+from instructrl.plugins.stages.common import (
     StageCheckpoint,
-    StageContext,
     Timer,
-    devices,
+    check_sequence_fits,
+    first_non_finite,
     fit,
     make_trainer,
     resume_path,
@@ -54,7 +55,6 @@ from instructrl.core.training import (
     score_completions,
     seed_everything,
 )
-from instructrl.core.types import Completion, ControllerInput, Prompt, TokenBatch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -87,7 +87,9 @@ class RolloutSection:
 class RLSection:
     """``rl``: the optimisation loop of the RL stage."""
 
-    iterations: int = param(150, "PPO iterations (rollout → optimise).")
+    iterations: int = param(
+        150, "PPO iterations (rollout → optimise); a --resume may raise it.", resume_safe=True
+    )
     epochs: int = param(4, "Optimisation epochs over each iteration's rollouts (lm-human-preferences: 4).")
     minibatches: int = param(4, "Minibatches per epoch; each is one optimiser step.")
     micro_batch_size: int | None = param(
@@ -527,6 +529,7 @@ class RLStage:
         return None
 
     def check(self, recipe: Recipe) -> None:
+        check_sequence_fits(recipe)
         rl = recipe.section("rl")
         per_iter = recipe.section("rollout").prompts_per_iteration * recipe.derived.samples_per_prompt
         if per_iter % rl.minibatches:

@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from instructrl.core.errors import RunFailure
-from instructrl.core.ops import aggregate, and_finite, finite_flags, global_mean, masked_mean, masked_var
-from instructrl.core.training import Timer, encode_prompts
+from instructrl.core.ops import aggregate, global_mean, masked_mean, masked_var
 from instructrl.core.types import (
     AdvantageInput,
     ExtraLossInput,
@@ -31,6 +30,7 @@ from instructrl.core.types import (
     TransformInput,
     last_token_index,
 )
+from instructrl.plugins.stages.common import Timer, and_finite, encode_prompts, finite_flags
 from torch import Tensor
 
 if TYPE_CHECKING:

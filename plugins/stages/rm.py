@@ -24,19 +24,21 @@ from instructrl.core.errors import DataError
 from instructrl.core.fields import non_negative, param, positive, unit_interval
 from instructrl.core.hookspecs import hookimpl
 from instructrl.core.io import is_global_zero, write_json
-from instructrl.core.models import (
+from instructrl.core.protocols import Policy, Task
+from instructrl.core.training import StageContext, devices
+from instructrl.core.types import Completion, Prompt, Ranking, TokenBatch
+from instructrl.plugins.hf import LearnedReward
+from instructrl.plugins.models import (
     REWARD_STATS_FILE,
     load_scalar_head_model,
     load_tokenizer,
     save_model_dir,
     score_last_token,
 )
-from instructrl.core.protocols import Policy, Task
-from instructrl.core.training import (
-    StageContext,
+from instructrl.plugins.stages.common import (
     batched,
     cache_blocks,
-    devices,
+    check_sequence_fits,
     encode_pairs,
     fit,
     lr_lambda,
@@ -48,8 +50,6 @@ from instructrl.core.training import (
     seed_everything,
     stage_checkpoint,
 )
-from instructrl.core.types import Completion, Prompt, Ranking, TokenBatch
-from instructrl.plugins.hf import LearnedReward
 from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
@@ -291,7 +291,8 @@ class RMStage:
         return None
 
     def check(self, recipe: Recipe) -> None:
-        """Nothing beyond the section's own checks."""
+        """The position rule (:func:`check_sequence_fits`)."""
+        check_sequence_fits(recipe)
 
     def describe(self, recipe: Recipe) -> dict[str, object]:
         cfg = recipe.section("rm")
@@ -336,7 +337,7 @@ class RMStage:
             warmup_steps=int(cfg.warmup_ratio * steps),
         )
         module.train_acc.persistent(True)  # the epoch's running accuracy survives a mid-epoch resume
-        # data order: a seeded permutation per epoch, resumable mid-epoch (core.training.EpochBatchSampler)
+        # data order: a seeded permutation per epoch, resumable mid-epoch (plugins.stages.common.EpochBatchSampler)
         loader = resumable_loader(
             train,
             cfg.batch_size,

@@ -8,7 +8,7 @@
 - ``pretraining``: ``.txt`` (documents separated by blank lines) or ``.jsonl`` with ``"text"``.
 
 Every file is read and every row checked when the recipe is validated (``--dry-run`` included),
-and the files each planned stage needs are checked to be set (``JsonlConfig.check_recipe``): a bad
+and the files each planned stage needs are checked to be set (``JsonlConfig.check_recipe``, declared as ``Needs(check=...)``): a bad
 row is a one-line error naming the file and line and what would be valid, before anything trains.
 """
 
@@ -22,14 +22,17 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from instructrl.core.errors import DataError
 from instructrl.core.fields import param
 from instructrl.core.hookspecs import Register, hookimpl
 from instructrl.core.protocols import SampleFn
 from instructrl.core.registry import BuildContext
-from instructrl.core.types import Completion, Demonstration, Prompt, Ranking
+from instructrl.core.types import Completion, Demonstration, Needs, Prompt, Ranking
+
+if TYPE_CHECKING:
+    from instructrl.core.config import Recipe
 
 FILE_KEYS = ("demonstrations", "comparisons", "prompts", "eval_prompts", "pretraining")
 
@@ -79,12 +82,12 @@ class JsonlConfig:
                 except DataError as exc:
                     raise DataError(f"{key}: {exc}") from None
 
-    def check_recipe(self, recipe: Any, stages: Sequence[str]) -> None:
+    def check_recipe(self, recipe: Recipe, stages: Sequence[str]) -> None:
         """What the run's stages read (``stages``: those that run or come from the cache) is
         configured and non-empty after the held-out splits; a ValueError names the key to set."""
         task = JsonlTask(self)
         planned = set(stages)
-        extra = {c.name for c in getattr(recipe, "extra_losses", [])}
+        extra = {c.name for c in recipe.extra_losses}
         demos = "demonstrations: the {stage} needs demonstrations; set task.demonstrations=path/to/demos.jsonl (prompt/completion per line)"
         if "pretrain" in planned:
             if self.pretraining is None:
@@ -406,6 +409,12 @@ def parsed(key: str, path: str) -> list[Any]:
     return list(_parsed(key, path, st.st_mtime_ns, st.st_size))
 
 
+def _check_recipe(config: object, recipe: object, stages: Sequence[str]) -> None:
+    """``Needs.check``: :meth:`JsonlConfig.check_recipe`."""
+    assert isinstance(config, JsonlConfig)
+    config.check_recipe(recipe, stages)  # type: ignore[arg-type]
+
+
 def make_jsonl(config: JsonlConfig, ctx: BuildContext) -> JsonlTask:
     """Your data: JSONL in TRL's prompt/completion and chosen/rejected formats, ranked lists, text."""
     return JsonlTask(config)
@@ -413,4 +422,4 @@ def make_jsonl(config: JsonlConfig, ctx: BuildContext) -> JsonlTask:
 
 @hookimpl
 def register_tasks(register: Register) -> None:
-    register("jsonl", make_jsonl, config=JsonlConfig)
+    register("jsonl", make_jsonl, config=JsonlConfig, needs=Needs(check=_check_recipe))

@@ -88,7 +88,7 @@ def files(tmp_path_factory):
         "bom.jsonl", '\ufeff{"prompt": "q", "completion": "a"}\n{"prompt": "r", "completion": "b"}\n'.encode()
     )
 
-    from instructrl.core.models import train_tokenizer
+    from instructrl.plugins.models import train_tokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     tok = train_tokenizer(["the quick brown fox"])
@@ -429,6 +429,7 @@ STAGE_NEEDS = {
         lambda f: dry(
             *jsonl_task(f, prompts=None, demonstrations=None),
             f"policy.model={f['llama_64']}",
+            f"eval.against={f['llama_64']}",
             f"reward.model={f['llama_64']}",
             f"value.model={f['llama_64']}",
         ),

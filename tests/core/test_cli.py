@@ -119,7 +119,7 @@ def test_dry_run_writes_nothing_and_prints_batch_arithmetic(capsys, tmp_path):
     assert rl["optimizer_steps_per_iteration"] == info["config"]["rl"]["epochs"] * 4
     assert rl["total_episodes"] == info["config"]["rl"]["iterations"] * 16
     stages = [s["stage"] for s in info["plan"]]
-    assert stages == ["pretrain", "sft", "rm", "rl", "eval"]  # dependencies pulled in
+    assert stages == ["pretrain", "rl_init", "sft", "rm", "rl", "eval"]  # dependencies pulled in
     assert {p["key"]: p["status"] for p in info["paths"]}["policy.model"] in {"to be produced", "cached"}
 
 

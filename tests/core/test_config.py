@@ -87,7 +87,10 @@ def test_override_without_equals_is_rejected():
         ),
         (["advantage.name=gea"], r"^advantage\.name: unknown advantage 'gea'; did you mean 'gae'\?"),
         (["kl.estimator=k9"], r"^kl\.estimator: unknown kl_estimator 'k9'"),
-        (["stages=[rl,sft]"], r"^stages: 'rl' reads the output of 'sft', so 'sft' must come first"),
+        (
+            ["stages=[rl,rl_init]"],
+            r"^stages: 'rl' reads the output of 'rl_init', so 'rl_init' must come first",
+        ),
         (["stages=[eval]"], r"^stages: 'eval' reads '@rl', which is not cached; list 'rl' before 'eval'"),
         (["stages=[]"], r"^stages: list at least one stage"),
         (["stages=[rlhf]"], r"^stages: unknown stage 'rlhf'"),

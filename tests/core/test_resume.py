@@ -254,8 +254,8 @@ def test_checkpoints_load_with_weights_only_and_hold_plain_data(straight):
 def test_model_code_from_a_model_dir_is_off_by_default(registry):
     import inspect
 
-    from instructrl.core import models
     from instructrl.core.config import stage_sections
+    from instructrl.plugins import models
 
     for fn in (models.load_tokenizer, models.load_causal_lm, models.load_scalar_head_model):
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False, fn.__name__

@@ -11,10 +11,10 @@ import pytest
 import torch
 from instructrl.core.config import load_recipe
 from instructrl.core.errors import ConfigError
-from instructrl.core.models import build_causal_lm, train_tokenizer
-from instructrl.core.training import encode_prompts
 from instructrl.plugins import engine
 from instructrl.plugins.hf import HFPolicy, load_policy
+from instructrl.plugins.models import build_causal_lm, train_tokenizer
+from instructrl.plugins.stages.common import encode_prompts
 
 PROMPTS = ["reverse: abc\n", "sort: dcbafe\n", "uppercase: ab\n", "count: abcabca\n", "reverse: q\n"]
 

@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 from instructrl.core.errors import RunFailure
-from instructrl.core.ops import and_finite, finite_flags, first_non_finite
 from instructrl.core.types import LossOutput
+from instructrl.plugins.stages.common import and_finite, finite_flags, first_non_finite
 from instructrl.plugins.stages.rl_step import per_token_rewards
 
 FAST = ["rl.checkpoint_every=1", "eval.every=0"]

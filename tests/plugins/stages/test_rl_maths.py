@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from instructrl.core.models import build_causal_lm, score_last_token, train_tokenizer
-from instructrl.core.training import encode_pairs
 from instructrl.core.types import Completion, Prompt, Ranking, position_ids_from_mask
+from instructrl.plugins.models import build_causal_lm, score_last_token, train_tokenizer
+from instructrl.plugins.stages.common import encode_pairs
 from instructrl.plugins.stages.evaluate import win_stats
 from instructrl.plugins.stages.rl_step import clipped_value_loss, explained_variance, per_token_rewards
 from instructrl.plugins.stages.rm import collate_rankings, rm_loss

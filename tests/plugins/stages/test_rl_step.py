@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from instructrl.core.models import load_scalar_head_model
-from instructrl.core.training import encode_prompts
 from instructrl.core.types import Prompt
 from instructrl.plugins.extra_losses import PtxConfig, PtxLoss
 from instructrl.plugins.hf import HFValueModel, load_policy
 from instructrl.plugins.kl import FixedKL, kl_k3
+from instructrl.plugins.models import load_scalar_head_model
 from instructrl.plugins.objectives import PPOClip, PPOClipConfig
 from instructrl.plugins.stages import rl_step
+from instructrl.plugins.stages.common import encode_prompts
 from instructrl.plugins.stages.rl import RLComponents, Settings
 
 

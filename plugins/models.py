@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from instructrl.core.errors import ConfigError
+from instructrl.core.io import require_model_dir
+from instructrl.core.types import TokenBatch, last_token_index
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -23,9 +26,6 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
-
-from .errors import ConfigError
-from .types import TokenBatch, last_token_index
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
@@ -147,41 +147,6 @@ def count_parameters(model: torch.nn.Module) -> int:
 # --------------------------------------------------------------------------------------------
 # HF directories
 # --------------------------------------------------------------------------------------------
-
-
-TOKENIZER_FILES = ("tokenizer.json",)
-"""A fast tokenizer in one file; or ``tokenizer_config.json`` with one of :data:`VOCAB_FILES`."""
-VOCAB_FILES = ("vocab.json", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
-
-
-def require_model_dir(path: str | os.PathLike[str], key: str) -> Path:
-    """Check that ``path`` is an HF model dir: a readable ``config.json`` and tokenizer files
-    (``tokenizer.json``, or ``tokenizer_config.json`` with a vocabulary file); a one-line
-    ConfigError naming ``key`` otherwise. Nothing is loaded."""
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"{key}: model dir not found: {p}")
-    if not p.is_dir():
-        raise ConfigError(f"{key}: not a model dir (a file): {p}")
-    config = p / "config.json"
-    if not config.is_file():
-        raise ConfigError(f"{key}: not an HF model dir (no config.json): {p}")
-    try:
-        data = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        where = f":{exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
-        raise ConfigError(f"{key}: {config}{where}: unreadable config.json ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{key}: {config}: config.json must be a JSON object")
-    has_tokenizer = any((p / f).is_file() for f in TOKENIZER_FILES) or (
-        (p / "tokenizer_config.json").is_file() and any((p / f).is_file() for f in VOCAB_FILES)
-    )
-    if not has_tokenizer:
-        raise ConfigError(
-            f"{key}: no tokenizer in {p} (expected tokenizer.json, or tokenizer_config.json with "
-            f"{' / '.join(VOCAB_FILES)}); save it with tokenizer.save_pretrained(dir)"
-        )
-    return p
 
 
 def load_tokenizer(path: str | os.PathLike[str], key: str = "model", trust_remote_code: bool = False) -> Any:
