@@ -177,7 +177,7 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.resume and not args.run_dir:
         raise ArgumentError("instructrl run: --resume needs --run-dir (the run to continue)")
     overrides = list(args.overrides)
-    if args.quiet:
+    if args.quiet or args.json:  # --json: stdout holds the JSON document alone
         overrides.insert(0, "trainer.enable_progress_bar=false")
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.recipe)
     prepare_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)  # before anything else
@@ -186,7 +186,8 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         info = describe(recipe, run_dir, use_cache=not args.no_cache)
         print(json.dumps(info, indent=2, default=str) if args.json else format_dry_run(info))
         return EXIT_OK
-    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
+    stream = sys.stderr if args.json else sys.stdout  # --json: the stage lines go to stderr
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=stream, flush=True))
     summary = run_recipe(
         recipe,
         run_dir,

@@ -419,7 +419,8 @@ class EvalCommand:
         from instructrl.core.config import load_recipe
         from instructrl.core.runner import model_paths
 
-        recipe = load_recipe(args.recipe, args.overrides, smoke=args.smoke)
+        quiet = ["trainer.enable_progress_bar=false"] if args.json else []  # stdout: the JSON alone
+        recipe = load_recipe(args.recipe, [*quiet, *args.overrides], smoke=args.smoke)
         baseline = args.against or recipe.section("eval").against
         if not baseline or str(baseline).startswith("@"):
             raise ArgumentError(

@@ -145,3 +145,22 @@ def test_non_empty_run_dir_needs_resume_or_overwrite(capsys, tmp_path):
     code, _, err = run_cli(capsys, "run", "ppo", "--smoke", "--run-dir", str(run_dir))
     assert_bad_input(code, err, "exists and is not empty", "--resume", "--overwrite")
     assert (run_dir / "something").read_text() == "x"  # lost nothing
+
+
+def test_json_output_is_the_json_document_alone(capsys, smoke_pipeline, tmp_path):
+    run_dir, _ = smoke_pipeline
+    # a run: the stage lines go to stderr, stdout is the summary
+    code, out, err = run_cli(
+        capsys, "run", "ppo", "--smoke", "--json", "--run-dir", str(tmp_path / "run"), "rl.iterations=1", "eval.every=0"
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["run/status"] == "completed"
+    assert "[rl] running" in err
+    # the eval command at full sizes (progress bars on unless --json turns them off)
+    code, out, err = run_cli(
+        capsys, "eval", str(run_dir / "rl" / "model"), "--against", str(run_dir / "sft" / "model"),
+        "--recipe", "ppo", "--out", str(tmp_path / "eval"), "--json", "eval.n_prompts=8", "eval.pretrain_docs=4",
+        "eval.greedy=false",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["eval/n_prompts"] == 8
