@@ -278,8 +278,9 @@ def run_evaluation(
     *, record: bool = True,
 ) -> dict[str, object]:  # fmt: skip
     """Evaluate ``policy_dir`` against ``reference_dir`` on the task's held-out prompts, judged by
-    the task's gold judge (or ``reward`` when the task has none); ``record`` writes the samples and
-    ``summary.json``."""
+    the task's gold judge (or ``reward`` when the task has none). ``record`` writes the samples and
+    ``summary.json`` and measures the baseline's pretraining-text loss; without it (a second policy
+    against the same baseline) only the policy's numbers are computed beyond the comparison."""
     recipe = ctx.recipe
     cfg = recipe.section("eval")
     seed_everything(recipe.seed)
@@ -305,7 +306,8 @@ def run_evaluation(
     docs = list(task.pretraining_text("eval"))[: cfg.pretrain_docs]
     if docs:
         summary["eval/pretrain_loss"] = lm_loss_on(policy, docs)
-        summary["eval/pretrain_loss_sft"] = lm_loss_on(reference, docs)
+        if record:  # a second policy against the same baseline: the baseline's loss is known
+            summary["eval/pretrain_loss_sft"] = lm_loss_on(reference, docs)
         if base_dir:
             summary["eval/pretrain_loss_base"] = lm_loss_on(load_policy_dir(ctx, base_dir, "base"), docs)
     if record and is_global_zero():
@@ -319,27 +321,33 @@ def run_evaluation(
     return summary
 
 
+def initial_weights(recipe: Recipe) -> str | None:
+    """The policy's initial weights (its config field marked ``model_path="weights"``), or ``None``
+    when the policy marks none."""
+    conf = recipe.choice("policy").config
+    name = field_for_role(type(conf), "weights") if conf is not None else None
+    value = getattr(conf, name) if name is not None else None
+    return str(value) if value else None
+
+
 def against(recipe: Recipe) -> str:
     """The baseline policy dir (or ``@stage``): ``eval.against``, else the policy's initial weights."""
     cfg = recipe.section("eval")
     if cfg.against:
         return str(cfg.against)
-    conf = recipe.choice("policy").config
-    name = field_for_role(type(conf), "weights") if conf is not None else None
-    if name is None:
+    start = initial_weights(recipe)
+    if start is None:
         raise ConfigError(
             f"eval.against: policy '{recipe.choice('policy').name}' marks no weights field; set eval.against"
         )
-    return str(getattr(conf, name))
+    return start
 
 
 def rl_start(recipe: Recipe) -> str | None:
     """The policy's initial weights (``policy.model``: the RL init) when they are not the baseline
     (``eval.against``): reported beside the RL policy; else ``None``."""
-    conf = recipe.choice("policy").config
-    name = field_for_role(type(conf), "weights") if conf is not None else None
-    start = getattr(conf, name) if name is not None else None
-    return str(start) if start and str(start) != against(recipe) else None
+    start = initial_weights(recipe)
+    return start if start is not None and start != against(recipe) else None
 
 
 INIT_KEYS = ("gold_score", "win_rate_vs_sft", "strict_win", "strict_loss", "kl_to_sft", "pretrain_loss")
@@ -375,8 +383,8 @@ class EvalStage:
         return {
             "held_out_prompts": cfg.n_prompts,
             "against": against(recipe),
-            "also_reported": f"the RL start {rl_start(recipe)} (eval/rl_start/*)"
-            if rl_start(recipe)
+            "also_reported": f"the RL start {start} (eval/rl_start/*)"
+            if (start := rl_start(recipe))
             else None,
             "temperature": cfg.temperature,
             "greedy": cfg.greedy,

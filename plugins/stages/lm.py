@@ -448,8 +448,8 @@ class SFTStage:
         return None
 
     def check(self, recipe: Recipe) -> None:
-        """The position rule (:func:`check_sequence_fits`)."""
-        check_sequence_fits(recipe)
+        """Nothing beyond the section's own checks: demonstrations are cut to the model's positions
+        and the mix's text rows to ``min(text_seq_len, positions)``."""
 
     def describe(self, recipe: Recipe) -> dict[str, object]:
         cfg = recipe.section(self.name)

@@ -409,12 +409,6 @@ def parsed(key: str, path: str) -> list[Any]:
     return list(_parsed(key, path, st.st_mtime_ns, st.st_size))
 
 
-def _check_recipe(config: object, recipe: object, stages: Sequence[str]) -> None:
-    """``Needs.check``: :meth:`JsonlConfig.check_recipe`."""
-    assert isinstance(config, JsonlConfig)
-    config.check_recipe(recipe, stages)  # type: ignore[arg-type]
-
-
 def make_jsonl(config: JsonlConfig, ctx: BuildContext) -> JsonlTask:
     """Your data: JSONL in TRL's prompt/completion and chosen/rejected formats, ranked lists, text."""
     return JsonlTask(config)
@@ -422,4 +416,4 @@ def make_jsonl(config: JsonlConfig, ctx: BuildContext) -> JsonlTask:
 
 @hookimpl
 def register_tasks(register: Register) -> None:
-    register("jsonl", make_jsonl, config=JsonlConfig, needs=Needs(check=_check_recipe))
+    register("jsonl", make_jsonl, config=JsonlConfig, needs=Needs(check=JsonlConfig.check_recipe))

@@ -73,7 +73,7 @@ def test_the_rl_init_defaults_are_the_papers():
     ],
 )
 def test_a_bad_mix_is_a_one_line_error_naming_the_key(override, fragment):
-    with pytest.raises(ConfigError, match=None) as info:
+    with pytest.raises(ConfigError) as info:
         load_recipe("instructgpt", [override], smoke=True)
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
