@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 RUN_DIR ?= runs/instructgpt
 
-.PHONY: install install-test demo test lint format bench clean
+.PHONY: install install-test demo reproduce test lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ install-test: $(VENV)/.installed-test
 ## The full InstructGPT pipeline on the built-in world; prints the result table.
 demo: install
 	$(BIN)/instructrl run instructgpt --run-dir $(RUN_DIR) --overwrite
+
+## The paper's claims: 3 independent pipelines × (PPO, PPO-ptx at γ = 27.8, PPO at β = 2), then
+## docs/results.md (targets, intervals, the over-optimisation fit). Resumable: run it again.
+reproduce: install
+	$(BIN)/instructrl sweep instructgpt_claims --out sweeps/instructgpt_claims
+	$(BIN)/instructrl claims sweeps/instructgpt_claims --out docs/results.md
 
 ## The whole test suite (lint, format check, tests).
 test: install-test

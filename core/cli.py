@@ -153,17 +153,27 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from .config import bundled_recipes, load_yaml
+    from .config import bundled_recipes, bundled_sweeps, load_yaml
 
     rows = []
-    for name, path in bundled_recipes().items():
-        cfg = load_yaml(path)
-        rows.append({"name": name, "description": str(cfg.get("description") or ""), "path": str(path)})
+    for kind, bundled in (("recipe", bundled_recipes()), ("sweep", bundled_sweeps())):
+        for name, path in bundled.items():  # a sweep runs with `instructrl sweep NAME`
+            cfg = load_yaml(path)
+            rows.append(
+                {
+                    "name": name,
+                    "kind": kind,
+                    "description": str(cfg.get("description") or ""),
+                    "path": str(path),
+                }
+            )
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
+        width = max([14, *(len(r["name"]) + 1 for r in rows)])
         for r in rows:
-            print(f"{r['name']:<14} {r['description']}")
+            tag = "[sweep] " if r["kind"] == "sweep" else ""
+            print(f"{r['name']:<{width}} {tag}{r['description']}")
     return EXIT_OK
 
 

@@ -10,6 +10,7 @@ CPU bf16 is emulated and about 100× slower than fp32. Under ``bf16-mixed`` the 
 
 from __future__ import annotations
 
+import platform
 import re
 from pathlib import Path
 
@@ -34,6 +35,28 @@ def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
         if key.strip().lower() in ("flags", "features"):
             flags.update(value.split())
     return frozenset(flags)
+
+
+VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "bf16")
+"""The flags that decide the speed of fp32 and bf16 matmuls (recorded with every run)."""
+
+
+def cpu_description(path: str = "/proc/cpuinfo") -> str:
+    """``<model name>; flags <the VECTOR_FLAGS present>; torch <capability>`` for the run's record."""
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path(path).read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip().lower() == "model name" and value.strip():
+                model = value.strip()
+                break
+    except OSError:
+        pass
+    flags = cpu_flags(path)
+    present = [f for f in VECTOR_FLAGS if f in flags]
+    return (
+        f"{model}; flags {' '.join(present) or 'none of ' + ' '.join(VECTOR_FLAGS)}; torch {cpu_capability()}"
+    )
 
 
 def cpu_capability() -> str:

@@ -251,12 +251,15 @@ def provenance(recipe: Recipe, argv: list[str] | None) -> dict[str, Any]:
     import transformers
     from instructrl import __version__
 
+    from .precision import cpu_description
+
     return {
         "instructrl": __version__,
         "torch": str(torch.__version__),
         "transformers": transformers.__version__,
         "lightning": lightning.__version__,
         "python": platform.python_version(),
+        "cpu": cpu_description(),
         "git_commit": git_commit(),
         "seed": recipe.seed,
         "recipe": str(recipe.cfg.get("extends")),

@@ -4,6 +4,7 @@ the same hooks as a third-party package; they load unless named in ``INSTRUCTRL_
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "instructrl.plugins.advantages",
+    "instructrl.plugins.commands.claims",
     "instructrl.plugins.commands.report",
     "instructrl.plugins.commands.sweep",
     "instructrl.plugins.extra_losses",

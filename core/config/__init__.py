@@ -10,7 +10,7 @@ inputs that another stage produces are written ``@<stage>`` (``policy.model: "@s
 """
 
 from .hashing import stable_hash
-from .load import bundled_recipes, compose, load_yaml, parse_overrides, recipe_path
+from .load import bundled_recipes, bundled_sweeps, compose, load_yaml, parse_overrides, recipe_path
 from .schema import LIST_SLOTS, SLOTS, RecipeSchema
 from .validate import Choice, Derived, Recipe, load_recipe, stage_sections, validate_recipe
 
@@ -22,6 +22,7 @@ __all__ = [
     "Recipe",
     "RecipeSchema",
     "bundled_recipes",
+    "bundled_sweeps",
     "compose",
     "load_recipe",
     "load_yaml",

@@ -7,6 +7,7 @@ import dataclasses
 import importlib.resources
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,15 +22,29 @@ SMOKE_OVERLAY = "_smoke"
 DEFAULTS = "_defaults"
 
 
-def bundled_recipes() -> dict[str, Path]:
-    """``{name: path}`` of the recipes shipped with the package (overlays excluded)."""
+_SWEEP_BLOCK = re.compile(r"^sweep:", re.MULTILINE)
+
+
+def _bundled(sweeps: bool) -> dict[str, Path]:
     root = importlib.resources.files("instructrl.recipes")
     out = {}
     for entry in root.iterdir():
         name = entry.name
         if name.endswith(".yaml") and not name.startswith("_"):
-            out[name[: -len(".yaml")]] = Path(str(entry))
+            if bool(_SWEEP_BLOCK.search(entry.read_text())) == sweeps:
+                out[name[: -len(".yaml")]] = Path(str(entry))
     return dict(sorted(out.items()))
+
+
+def bundled_recipes() -> dict[str, Path]:
+    """``{name: path}`` of the recipes shipped with the package (overlays and sweeps excluded)."""
+    return _bundled(sweeps=False)
+
+
+def bundled_sweeps() -> dict[str, Path]:
+    """``{name: path}`` of the sweep files shipped with the package (a top-level ``sweep:`` block;
+    ``instructrl sweep NAME`` runs one)."""
+    return _bundled(sweeps=True)
 
 
 def _bundled_file(name: str) -> Path:
@@ -51,6 +66,8 @@ def recipe_path(recipe: str | os.PathLike[str], relative_to: Path | None = None)
     bundled = bundled_recipes()
     if text in bundled:
         return bundled[text]
+    if text in bundled_sweeps():
+        raise ConfigError(f"'{text}' is a bundled sweep, not a recipe; run it with `instructrl sweep {text}`")
     names = list(bundled)
     raise ConfigError(
         f"recipe '{text}' not found: not a file and not a bundled recipe{did_you_mean(text, names)} (bundled: {one_of(names)})"
@@ -222,7 +239,12 @@ def compose(
     defaults = OmegaConf.create(dataclasses.asdict(RecipeSchema()))
     path = recipe_path(recipe)
     cfg = merge(defaults, load_yaml(_bundled_file(DEFAULTS)), what="the defaults")
-    cfg = merge(cfg, _load_chain(path), what=str(path))
+    chain = _load_chain(path)
+    if "sweep" in chain:
+        raise ConfigError(
+            f"{path}: a sweep file (it has a sweep: block); run it with `instructrl sweep {recipe}`"
+        )
+    cfg = merge(cfg, chain, what=str(path))
     if smoke:
         cfg = merge(cfg, load_yaml(_bundled_file(SMOKE_OVERLAY)), what="the smoke overlay")
         own = cfg.get("smoke") or {}

@@ -36,6 +36,8 @@ DEFAULT_METRICS = (
 DEFAULT_CURVES = ("reward/raw", "kl/value")
 LEVEL = 0.95
 SWEEP_FILE = "sweep.json"
+SFT = "sft"
+"""``against: sft`` in a named comparison: each run's own figures of the SFT model (see :func:`sft_value`)."""
 
 
 class ReportError(UserInputError):
@@ -208,9 +210,32 @@ class SweepData:
         for r in self.runs:
             if r.arm == arm and r.status == "completed":
                 v = r.summary.get(metric)
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                if _number(v):
                     out[r.seed] = float(v)
         return out
+
+    def sft_values(self, arm: str, metric: str) -> dict[int, float]:
+        """``{seed: value}`` of the SFT model's figure for ``metric`` in the arm's completed runs
+        (:func:`sft_value`)."""
+        out = {}
+        for r in self.runs:
+            if r.arm == arm and r.status == "completed" and (v := sft_value(r.summary, metric)) is not None:
+                out[r.seed] = v
+        return out
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def sft_value(summary: Mapping[str, Any], metric: str) -> float | None:
+    """The SFT model's figure for ``metric`` in one run's summary: ``M_sft`` (``M_sft_greedy`` for
+    ``M_greedy``), ½ for a win rate against SFT (SFT against itself), else ``None``."""
+    if metric.startswith("eval/win_rate_vs_sft"):
+        return 0.5
+    base, greedy = (metric[: -len("_greedy")], "_greedy") if metric.endswith("_greedy") else (metric, "")
+    v = summary.get(f"{base}_sft{greedy}")
+    return float(v) if _number(v) else None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -354,6 +379,30 @@ def build_rows(data: SweepData, metrics: Sequence[str], baseline: str) -> list[A
     return rows
 
 
+@dataclass
+class ComparisonRow:
+    """One named comparison: ``arm − against`` per metric, paired by seed."""
+
+    name: str
+    arm: str
+    against: str  # an arm name or SFT
+    diffs: dict[str, Interval]
+
+
+def build_comparisons(data: SweepData, metrics: Sequence[str]) -> list[ComparisonRow]:
+    """The sweep's named comparisons (``sweep.json`` ``comparisons``), each metric as the paired
+    difference over seeds; ``against: sft`` pairs every run with its own SFT figures."""
+    rows = []
+    for name, pair in (data.meta.get("comparisons") or {}).items():
+        arm, other = pair["arm"], pair["against"]
+        diffs = {}
+        for m in metrics:
+            base = data.sft_values(arm, m) if other == SFT else data.values(other, m)
+            diffs[m] = paired_difference(data.values(arm, m), base)
+        rows.append(ComparisonRow(name, arm, other, diffs))
+    return rows
+
+
 def present_metrics(data: SweepData, metrics: Sequence[str]) -> tuple[list[str], list[str]]:
     """``(metrics some completed run has, metrics none has)``."""
     have, missing = [], []
@@ -422,8 +471,10 @@ def markdown_text(
     baseline: str,
     plots: Sequence[str],
     plot_note: str | None,
+    comparisons: Sequence[ComparisonRow] = (),
 ) -> str:
-    """``report.md``: header, the metric table, the paired-difference table, failures, plots."""
+    """``report.md``: header, the metric table, the paired-difference table, the named
+    comparisons, failures, plots."""
     meta = data.meta
     seeds = meta.get("seeds") or sorted({r.seed for r in data.runs})
     n_done = sum(r.status == "completed" for r in data.runs)
@@ -475,6 +526,15 @@ def markdown_text(
         "Differences: the same over the per-seed differences arm − baseline, for the seeds both "
         "finished. `—`: no finished seed has the metric; `(n=1)`: one seed, no interval."
     )
+    if comparisons:
+        out += ["", "## Named comparisons (arm − against, paired by seed [95% t-interval])", ""]
+        head = ["comparison", "arm", "against", *[f"Δ `{m}`" for m in metrics]]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---|" * len(head))
+        for c in comparisons:
+            against = "SFT (each run's own `*_sft` figures)" if c.against == SFT else f"`{c.against}`"
+            cells = [c.name, f"`{c.arm}`", against, *[fmt_interval(c.diffs[m], signed=True) for m in metrics]]
+            out.append("| " + " | ".join(cells) + " |")
     if missing:
         out += ["", "Not reported (no finished run has them): " + ", ".join(f"`{m}`" for m in missing)]
     failed = [r for r in data.runs if r.status == "failed"]
@@ -687,7 +747,7 @@ def write_report(
     ``metrics`` default to the sweep's own (``--metric``), else :data:`DEFAULT_METRICS`; metrics no
     finished run has are left out (and listed). ``curves``: ``RUN/rl/metrics.csv`` columns to plot
     (default :data:`DEFAULT_CURVES` plus the chosen metrics logged by the periodic evaluation).
-    Returns ``{"markdown", "csv", "plots", "rows", "metrics", "missing", "baseline", "note"}``.
+    Returns ``{"markdown", "csv", "plots", "rows", "comparisons", "metrics", "missing", "baseline", "note"}``.
     """
     data = load_sweep(sweep_dir)
     chosen = list(metrics or data.meta.get("metrics") or DEFAULT_METRICS)
@@ -699,7 +759,8 @@ def write_report(
             m for m in have if m not in DEFAULT_CURVES
         ]
     plots, note = write_plots(data, curves, base)
-    md = markdown_text(data, rows, have, missing, base, plots, note)
+    comparisons = build_comparisons(data, have)
+    md = markdown_text(data, rows, have, missing, base, plots, note, comparisons)
     (data.dir / "report.md").write_text(md)
     (data.dir / "report.csv").write_text(csv_text(rows, data.axes, have))
     return {
@@ -707,6 +768,7 @@ def write_report(
         "csv": data.dir / "report.csv",
         "plots": [data.dir / p for p in plots],
         "rows": rows,
+        "comparisons": comparisons,
         "metrics": have,
         "missing": missing,
         "baseline": base,

@@ -60,7 +60,7 @@ from instructrl.plugins.commands import report
 SWEEP_FILE = report.SWEEP_FILE
 # Options whose value is itself ``key=value`` text: the launcher must not take it for an override.
 KEY_VALUE_OPTIONS = ("--grid", "--zip", "--baseline")
-BLOCK_KEYS = ("grid", "zip", "seeds", "baseline", "metrics", "curves", "smoke")
+BLOCK_KEYS = ("grid", "zip", "seeds", "seed_keys", "baseline", "comparisons", "metrics", "curves", "smoke")
 KEY = re.compile(r"^[A-Za-z_][\w.\[\]-]*$")
 MAX_NAME = 100
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
@@ -97,7 +97,11 @@ class SweepSpec:
         grid: axes combined as a Cartesian product (first axis slowest).
         zipped: axes varied together, element by element (equal lengths).
         seeds: the seeds of every arm; ``None`` means the recipe's own ``seed``.
+        seed_keys: further keys set to the run's seed (``pretrain.seed``, ``sft.seed`` …): seeds
+            then vary those stages too, and arms share upstream stages only within a seed.
         baseline: the arm differences are reported against (name, ``KEY=V,...`` or a mapping).
+        comparisons: named pairs ``{name: {"arm": SPEC, "against": SPEC | "sft"}}`` reported as
+            paired differences (``"sft"``: each run's own ``*_sft`` figures).
         metrics: summary metrics to report; ``curves``: RL metrics to plot per iteration.
         smoke: apply the ``--smoke`` overlay to every run.
         source: the sweep file, when there is one.
@@ -108,7 +112,9 @@ class SweepSpec:
     grid: list[Axis] = field(default_factory=list)
     zipped: list[Axis] = field(default_factory=list)
     seeds: list[int] | None = None
+    seed_keys: list[str] = field(default_factory=list)
     baseline: str | dict[str, Any] | None = None
+    comparisons: dict[str, dict[str, Any]] = field(default_factory=dict)
     metrics: list[str] = field(default_factory=list)
     curves: list[str] | None = None
     smoke: bool = False
@@ -200,8 +206,8 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def is_sweep_file(recipe: str) -> bool:
-    """Whether ``recipe`` is a YAML file with a top-level ``sweep:`` block."""
-    path = Path(recipe)
+    """Whether ``recipe`` (a path or a bundled name) is a YAML file with a top-level ``sweep:`` block."""
+    path = _sweep_path(recipe)
     if not path.is_file() or path.suffix not in (".yaml", ".yml"):
         return False
     import yaml
@@ -211,6 +217,13 @@ def is_sweep_file(recipe: str) -> bool:
     except (OSError, yaml.YAMLError):
         return False  # the recipe loader reports it, with the line
     return isinstance(data, dict) and "sweep" in data
+
+
+def _sweep_path(recipe: str) -> Path:
+    """A sweep file's path: the file itself, or the bundled sweep of that name."""
+    from instructrl.core.config import bundled_sweeps
+
+    return Path(recipe) if Path(recipe).is_file() else bundled_sweeps().get(recipe, Path(recipe))
 
 
 def read_sweep_file(path: str | os.PathLike[str]) -> SweepSpec:
@@ -243,7 +256,11 @@ def read_sweep_file(path: str | os.PathLike[str]) -> SweepSpec:
     spec.zipped = _file_axes(block.get("zip"), "zip", p)
     if block.get("seeds") is not None:
         spec.seeds = parse_seeds(block["seeds"])
+    spec.seed_keys = [
+        _check_key(str(k), f"{p}: sweep.seed_keys") for k in _as_list(block.get("seed_keys"), "seed_keys", p)
+    ]
     spec.baseline = block.get("baseline")
+    spec.comparisons = _file_comparisons(block.get("comparisons"), p)
     spec.metrics = [str(m) for m in _as_list(block.get("metrics"), "metrics", p)]
     curves = block.get("curves")
     spec.curves = [str(c) for c in _as_list(curves, "curves", p)] if curves is not None else None
@@ -252,6 +269,22 @@ def read_sweep_file(path: str | os.PathLike[str]) -> SweepSpec:
         raise SweepError(f"{p}: sweep.smoke: expected true or false, got {smoke!r}")
     spec.smoke = smoke
     return spec
+
+
+def _file_comparisons(block: Any, path: Path) -> dict[str, dict[str, Any]]:
+    """``sweep.comparisons``: ``{name: {arm: SPEC, against: SPEC | sft}}`` (SPEC: an arm name or a
+    mapping of axis values; matched against the arms when the sweep is planned)."""
+    if block is None:
+        return {}
+    if not isinstance(block, dict):
+        raise SweepError(f"{path}: sweep.comparisons: expected a mapping of NAME: {{arm: ..., against: ...}}")
+    out = {}
+    for name, pair in block.items():
+        where = f"{path}: sweep.comparisons.{name}"
+        if not isinstance(pair, dict) or set(pair) != {"arm", "against"}:
+            raise SweepError(f"{where}: expected exactly the keys arm and against, got {pair!r}")
+        out[str(name)] = {"arm": pair["arm"], "against": pair["against"]}
+    return out
 
 
 def _recipe_ref(recipe: str, relative_to: Path | None = None) -> str:
@@ -406,6 +439,10 @@ class Plan:
     runs: list[PlannedRun]
     baseline: str
     command: str
+    comparisons: dict[str, dict[str, str]] = field(default_factory=dict)  # name → {arm, against} arm names
+    wall: list[float] = field(
+        default_factory=lambda: [0.0, 0.0]
+    )  # [seconds of earlier sessions, this one's start]
 
     def meta(self) -> dict[str, Any]:
         """The fixed part of ``sweep.json``."""
@@ -420,7 +457,9 @@ class Plan:
             "grid": {a.key: list(a.values) for a in s.grid},
             "zip": {a.key: list(a.values) for a in s.zipped},
             "seeds": self.seeds,
+            "seed_keys": s.seed_keys,
             "baseline": self.baseline,
+            "comparisons": self.comparisons,
             "metrics": s.metrics or list(report.DEFAULT_METRICS),
             "curves": s.curves,
             "arms": [{"name": a.name, "values": a.values} for a in self.arms],
@@ -450,13 +489,25 @@ def plan_sweep(spec: SweepSpec, out: str | os.PathLike[str] | None = None, comma
     seeds = spec.seeds
     if seeds is not None and "seed" in fixed_keys:
         raise SweepError("seed: set both as an override and with --seeds; keep one")
+    axis_keys = [a.key for a in (*spec.grid, *spec.zipped)]
+    for key in spec.seed_keys:
+        if key == "seed" or key in fixed_keys or key in axis_keys:
+            raise SweepError(
+                f"sweep.seed_keys: {key} is {'always the seed' if key == 'seed' else 'also fixed or swept'}; "
+                "a seed key takes each run's seed"
+            )
     if seeds is None:
         from instructrl.core.config import compose
 
         seeds = [int(compose(spec.recipe, spec.overrides, smoke=spec.smoke).seed)]
     arms = make_arms(spec.grid, spec.zipped)
     runs = [
-        PlannedRun(run_name(a.name, s), a.name, s, [*RUN_PREFIX, *spec.overrides, *a.overrides, f"seed={s}"])
+        PlannedRun(
+            run_name(a.name, s),
+            a.name,
+            s,
+            [*RUN_PREFIX, *spec.overrides, *a.overrides, f"seed={s}", *(f"{k}={s}" for k in spec.seed_keys)],
+        )
         for a in arms
         for s in seeds
     ]
@@ -466,7 +517,21 @@ def plan_sweep(spec: SweepSpec, out: str | os.PathLike[str] | None = None, comma
             baseline = report.match_arm([asdict(a) for a in arms], spec.baseline, "--baseline")
         except report.ReportError as exc:
             raise SweepError(str(exc)) from None
-    return Plan(spec, Path(out) if out else default_out(spec), arms, seeds, runs, baseline, command)
+    comparisons = {}
+    for name, pair in spec.comparisons.items():
+        try:
+            arm = report.match_arm([asdict(a) for a in arms], pair["arm"], f"sweep.comparisons.{name}.arm")
+            other = pair["against"]
+            if other != report.SFT:
+                other = report.match_arm(
+                    [asdict(a) for a in arms], other, f"sweep.comparisons.{name}.against"
+                )
+        except report.ReportError as exc:
+            raise SweepError(str(exc)) from None
+        comparisons[name] = {"arm": arm, "against": other}
+    return Plan(
+        spec, Path(out) if out else default_out(spec), arms, seeds, runs, baseline, command, comparisons
+    )
 
 
 def validate_plan(plan: Plan) -> None:
@@ -825,8 +890,8 @@ def _previous(plan: Plan) -> dict[str, dict[str, Any]]:
         return {}
     old = report._read_json(path)
     mine = plan.meta()
-    for key in ("recipe", "overrides", "smoke"):
-        if old.get(key) != mine[key]:
+    for key in ("recipe", "overrides", "smoke", "seed_keys"):
+        if old.get(key, [] if key == "seed_keys" else None) != mine[key]:
             raise SweepError(
                 f"--out {plan.out}: holds a sweep with another {key} ({old.get(key)!r}, now {mine[key]!r}); "
                 "choose another --out"
@@ -882,6 +947,8 @@ def _save(plan: Plan, records: Sequence[Mapping[str, Any]]) -> None:
     data = plan.meta()
     data["runs"] = [{k: v for k, v in r.items() if k != "action"} for r in records]
     data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    earlier, start = plan.wall
+    data["wall_s"] = round(earlier + (time.time() - start if start else 0.0), 1)  # over every session
     write_json(plan.out / SWEEP_FILE, data)
 
 
@@ -923,6 +990,7 @@ def _run_locked(
     plan: Plan, workers: int | None, executor: str, ray_address: str | None, retry_failed: bool, out: TextIO
 ) -> int:
     records = initial_state(plan, retry_failed)
+    plan.wall = [float(report._read_json(plan.out / SWEEP_FILE).get("wall_s") or 0.0), time.time()]
     _save(plan, records)
     todo = [r for r in records if r["action"] != "skip"]
     by_name = {r.name: r for r in plan.runs}
@@ -1066,7 +1134,7 @@ def spec_from_args(args: argparse.Namespace) -> SweepSpec:
     axes and fixed overrides and replaces seeds, baseline, metrics."""
 
     if is_sweep_file(args.recipe):
-        spec = read_sweep_file(args.recipe)
+        spec = read_sweep_file(_sweep_path(args.recipe))
     else:
         spec = SweepSpec(recipe=_recipe_ref(args.recipe))
     spec.overrides = [*spec.overrides, *args.overrides]

@@ -121,13 +121,16 @@ def eval_batch(
     max_new_tokens: int,
     greedy: bool,
     max_prompt: int,
+    kl_reference: Policy | None = None,
 ) -> tuple[dict[str, Tensor], Generation, Generation]:
     """Per-row statistics of one batch of held-out prompts (all ``(N,)`` float tensors), and the
     two generations (for the samples table).
 
     Keys: ``score`` / ``score_sft`` (judge scores at T), ``win``, ``strict_win``, ``strict_loss``,
-    ``rm_score`` / ``rm_score_sft``, ``kl`` (nats per response), ``length`` / ``length_sft``,
-    ``eos`` / ``eos_sft``, and with ``greedy`` the same comparison at T = 0 (``*_greedy``).
+    ``rm_score`` / ``rm_score_sft``, ``kl`` (nats per response, to ``reference``), ``length`` /
+    ``length_sft``, ``eos`` / ``eos_sft``, with ``greedy`` the same comparison at T = 0
+    (``*_greedy``), and with ``kl_reference`` (a KL reference that is not the baseline, e.g. the RL
+    init) ``kl_ref``: the KL of the policy's samples to it.
     """
     ids, mask = encode_prompts(policy.tokenizer, [p.text for p in prompts], max_prompt)
     out: dict[str, Tensor] = {}
@@ -147,6 +150,9 @@ def eval_batch(
     lp = policy.forward(rl.batch, temperature=temperature).logprobs
     lr = reference.forward(rl.batch, temperature=temperature).logprobs
     out["kl"] = ((lp - lr) * rl.batch.response_mask).sum(-1)
+    if kl_reference is not None:
+        lk = kl_reference.forward(rl.batch, temperature=temperature).logprobs
+        out["kl_ref"] = ((lp - lk) * rl.batch.response_mask).sum(-1)
     out["length"] = rl.batch.response_mask.sum(-1)
     out["length_sft"] = sft.batch.response_mask.sum(-1)
     out["eos"] = rl.ended.float()
@@ -186,6 +192,7 @@ SUMMARY_NAMES = {
     "rm_score": "eval/rm_score",
     "rm_score_sft": "eval/rm_score_sft",
     "kl": "eval/kl_to_sft",
+    "kl_ref": "eval/kl_to_ref",
     "length": "eval/response_length",
     "length_sft": "eval/response_length_sft",
     "eos": "eval/eos_rate",
@@ -350,7 +357,10 @@ def rl_start(recipe: Recipe) -> str | None:
     return start if start is not None and start != against(recipe) else None
 
 
-INIT_KEYS = ("gold_score", "win_rate_vs_sft", "strict_win", "strict_loss", "kl_to_sft", "pretrain_loss")
+INIT_KEYS = (
+    "gold_score", "gold_content", "gold_format", "rm_score", "win_rate_vs_sft", "strict_win", "strict_loss",
+    "kl_to_sft", "pretrain_loss",
+)  # fmt: skip
 """What the eval stage reports of the RL start (``eval/rl_start/<key>``), against the same baseline."""
 
 

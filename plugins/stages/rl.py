@@ -59,7 +59,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from . import rl_step
-from .evaluate import Judges, eval_batch, summary_name
+from .evaluate import Judges, against, eval_batch, lm_loss_on, load_policy_dir, rl_start, summary_name
 from .rl_step import Experience, MicroStep
 
 
@@ -354,6 +354,10 @@ class RLModule(pl.LightningModule):
         if not self.rl_prompts:
             raise ConfigError("task: no RL prompts (task.prompts('rl') is empty)")
         self.timer = Timer()
+        # the periodic evaluation's baseline when it is not the KL reference (eval.against: the SFT
+        # model, the policy starting from the RL init), and its held-out pretraining text
+        self.baseline: Policy | None = None
+        self.eval_docs: list[str] = []
         self.exp: Experience | None = None
         self.plan: list[MicroStep] = []
 
@@ -474,16 +478,22 @@ class RLModule(pl.LightningModule):
         for lo in range(0, len(prompts), cfg.batch_size):
             chunk = prompts[lo : lo + cfg.batch_size]
             stats, _, _ = eval_batch(
-                c.policy, c.reference, Judges(c.task.gold, c.reward), chunk, temperature=cfg.temperature,
+                c.policy, self.baseline or c.reference, Judges(c.task.gold, c.reward), chunk, temperature=cfg.temperature,
                 max_new_tokens=cfg.max_new_tokens or s.max_new_tokens, greedy=False, max_prompt=s.max_prompt_tokens,
+                kl_reference=c.reference if self.baseline is not None else None,
             )  # fmt: skip
             for key in stats:
                 if summary_name(key) is not None:
                     add = torch.stack([stats[key].sum(), torch.tensor(float(len(chunk)))])
                     totals[key] = totals.get(key, torch.zeros(2)) + add
-        self.policy_net.train()
         sums = {k: all_reduce_sum(v) for k, v in totals.items()}
-        return {str(summary_name(k)): float(v[0] / v[1].clamp_min(1)) for k, v in sums.items()}
+        out = {str(summary_name(k)): float(v[0] / v[1].clamp_min(1)) for k, v in sums.items()}
+        if "eval/kl_to_ref" not in out:  # the baseline is the KL reference
+            out["eval/kl_to_ref"] = out["eval/kl_to_sft"]
+        if self.eval_docs:  # the alignment tax along the run (same documents as the eval stage)
+            out["eval/pretrain_loss"] = lm_loss_on(c.policy, self.eval_docs)
+        self.policy_net.train()
+        return out
 
     # ------------------------------------------------------------------ checkpoint state
     def on_save_checkpoint(self, checkpoint: dict[str, object]) -> None:
@@ -520,7 +530,12 @@ class RLStage:
     def inputs(self, recipe: Recipe) -> dict[str, object]:
         cfg = recipe.plain()
         keys = ["policy", "reward"] + (["value"] if recipe.derived.needs_values else [])
-        return {k: cfg[k] for k in keys} | {c.name: cfg[c.name] for c in recipe.extra_losses}
+        baseline = (
+            {"eval.against": against(recipe)}
+            if recipe.section("eval").every and rl_start(recipe) is not None
+            else {}
+        )
+        return {k: cfg[k] for k in keys} | {c.name: cfg[c.name] for c in recipe.extra_losses} | baseline
 
     def cache_key(self, recipe: Recipe) -> None:
         return None
@@ -571,6 +586,13 @@ class RLStage:
         seed_everything(recipe.seed)
         comps, stateful = build_components(ctx)
         module = RLModule(recipe, comps, stateful)
+        eval_cfg = recipe.section("eval")
+        if eval_cfg.every:
+            if rl_start(recipe) is not None:  # win rates along the run against the eval stage's baseline
+                module.baseline = load_policy_dir(
+                    ctx, ctx.resolve(against(recipe), "eval.against"), "eval.against"
+                )
+            module.eval_docs = list(comps.task.pretraining_text("eval"))[: eval_cfg.pretrain_docs]
         # every checkpoint_every iterations, at the end, and after the optimiser step a signal stops at
         checkpoint = StageCheckpoint(
             ctx.stage_dir / CHECKPOINT_SUBDIR, ctx.name, every_n_epochs=rl.checkpoint_every

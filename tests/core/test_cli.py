@@ -89,12 +89,14 @@ def test_plugins_table_groups_by_kind(capsys):
 
 
 def test_recipes_lists_bundled_with_descriptions(capsys):
-    from instructrl.core.config import bundled_recipes
+    from instructrl.core.config import bundled_recipes, bundled_sweeps
 
     code, out, _ = run_cli(capsys, "recipes", "--json")
     rows = json.loads(out)
     assert code == 0
-    assert [r["name"] for r in rows] == list(bundled_recipes())
+    assert [r["name"] for r in rows] == [*bundled_recipes(), *bundled_sweeps()]
+    assert {r["name"]: r["kind"] for r in rows}["instructgpt_claims"] == "sweep"
+    assert "instructgpt_claims" not in bundled_recipes()
     assert all(r["description"] for r in rows)
 
 

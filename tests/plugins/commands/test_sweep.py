@@ -225,6 +225,64 @@ def test_sweep_file_form(tmp_path):
     assert "baseline: kl.estimator=k3,reward_transforms=empty,ptx.coef=1,rl.lr=3e-05" in stdout
 
 
+def test_the_bundled_claims_sweep_seeds_every_stage_and_names_its_comparisons(tmp_path):
+    assert sweep.is_sweep_file("instructgpt_claims") and not sweep.is_sweep_file("instructgpt")
+    spec = sweep.read_sweep_file(sweep._sweep_path("instructgpt_claims"))
+    plan = sweep.plan_sweep(spec)
+    assert plan.out == Path("sweeps") / "instructgpt_claims"
+    assert len(plan.arms) == 3 and plan.seeds == [0, 1, 2] and len(plan.runs) == 9
+    for run in plan.runs:  # three independent pipelines: every stage's seed is the run's seed
+        for key in ("seed", "pretrain.seed", "sft.seed", "rl_init.seed", "rm.seed"):
+            assert f"{key}={run.seed}" in run.overrides, (run.name, key)
+    assert 'precision="32"' in run.overrides  # pinned: no dependence on the host's default
+    ptx = plan.comparisons["ppo_ptx_vs_sft"]
+    assert ptx == {"arm": "kl.coef=0.02,ptx.coef=27.8", "against": "sft"}
+    assert plan.comparisons["beta2_vs_ppo"] == {
+        "arm": "kl.coef=2.0,ptx.coef=0",
+        "against": "kl.coef=0.02,ptx.coef=0",
+    }
+    assert plan.meta()["comparisons"] == plan.comparisons and plan.meta()["seed_keys"][0] == "pretrain.seed"
+    code, stdout, err = sweep_main("instructgpt_claims", "--smoke", "--out", str(tmp_path / "c"), "--dry-run")
+    assert code == 0, err
+    assert "3 arms × 3 seeds = 9 runs" in stdout and not (tmp_path / "c").exists()
+
+
+def test_a_bundled_sweep_is_not_a_recipe(capsys):
+    code = main(["run", "instructgpt_claims", "--dry-run"])
+    err = capsys.readouterr().err
+    assert (
+        code == 2
+        and "'instructgpt_claims' is a bundled sweep" in err
+        and "instructrl sweep instructgpt_claims" in err
+    )
+    assert main(["recipes"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("instructgpt_claims"))
+    assert "[sweep]" in line
+
+
+@pytest.mark.parametrize(
+    ("block", "fragment"),
+    [
+        ("seed_keys: [seed]", "sweep.seed_keys: seed is always the seed"),
+        ("seed_keys: [kl.coef]", "sweep.seed_keys: kl.coef is also fixed or swept"),
+        (
+            "comparisons: {a: {arm: {kl.coef: 0.1}}}",
+            "sweep.comparisons.a: expected exactly the keys arm and against",
+        ),
+        (
+            "comparisons: {a: {arm: {kl.coef: 0.3}, against: sft}}",
+            "sweep.comparisons.a.arm 'kl.coef=0.3' matches no arm",
+        ),
+        ("comparisons: {a: {arm: {kl.coef: 0.1}, against: {kl.cof: 1}}}", "'kl.cof' is not a sweep axis"),
+    ],
+)
+def test_bad_seed_keys_and_comparisons(tmp_path, block, fragment):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"extends: ppo\nsweep:\n  grid: {{kl.coef: [0.1, 0.2]}}\n  {block}\n")
+    code, _, err = sweep_main(str(path), "--smoke", "--out", str(tmp_path / "o"), "--dry-run")
+    assert code == 2 and fragment in err, err
+
+
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [

@@ -101,3 +101,14 @@ def test_the_smoke_pipeline_trains_the_rl_init_on_both_parts(smoke_pipeline):
     for key in ("gold_score", "win_rate_vs_sft", "kl_to_sft"):
         assert f"eval/rl_start/{key}" in summary, key
     assert summary["eval/rl_start/kl_to_sft"] > 0  # the RL init is not the SFT model
+
+
+def test_the_periodic_evaluation_compares_with_sft_and_tracks_the_alignment_tax(smoke_pipeline):
+    run_dir, summary = smoke_pipeline
+    rows = [r for r in csv.DictReader(open(run_dir / "rl" / "metrics.csv")) if r.get("eval/kl_to_ref")]
+    assert rows, "the periodic evaluation logs no eval/kl_to_ref"
+    for r in rows:  # the KL reference (the RL init) is not the baseline (SFT): two different KLs
+        assert r["eval/pretrain_loss"] and r["eval/kl_to_sft"]
+        assert float(r["eval/kl_to_ref"]) != float(r["eval/kl_to_sft"])
+    # the last periodic evaluation sees the final weights and the eval stage's documents
+    assert float(rows[-1]["eval/pretrain_loss"]) == pytest.approx(summary["eval/pretrain_loss"], rel=1e-4)
