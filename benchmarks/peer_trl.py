@@ -14,7 +14,10 @@ both frameworks: ``2 × params × tokens`` for each forward of the job — gener
 reference — and twice that for the backward) and that rate as a fraction of the host's fp32
 matmul rate (a 1024×1024 matmul on the same threads, measured in this run), and the peak RSS of
 each process. Then the reward after equal samples over 3 seeds with matched settings, an RLOO row
-and a 32k-vocabulary memory row (peak RSS with and without the chunked log-softmax).
+and a 32k-vocabulary memory row (peak RSS with and without the chunked log-softmax). Overheads:
+per job, our per-step time outside the four phases (the Lightning loop, logging, optimiser
+bookkeeping) and each framework's fixed cost (the intercept of the two runs: imports, model load,
+saving); and the start-up steps of ``instructrl run`` (import, registry, validation) timed alone.
 
     python benchmarks/peer_trl.py [--quick] [--out DIR] [--only ours|trl] [--jobs small,medium,...] [--threads 2]
 
@@ -261,12 +264,38 @@ def spawn(framework: str, model: str, steps: int, seed: int, args: argparse.Name
 def slope(framework: str, model: str, short: int, long: int, args: argparse.Namespace, **kw: object) -> dict:
     a = spawn(framework, model, short, 0, args, **kw)
     b = spawn(framework, model, long, 0, args, **kw)
+    per_step = (b["wall"] - a["wall"]) / (long - short)
     return {
-        "s_per_step": (b["wall"] - a["wall"]) / (long - short),
+        "s_per_step": per_step,
+        "fixed_s": a["wall"] - short * per_step,  # the intercept: start-up, model load, save
         "rss_mb": max(a["rss_mb"], b["rss_mb"]),
         "phases": b["phases"],
         "extra": b["extra"],
     }
+
+
+STARTUP = [  # (label, command after the interpreter): start-up costs of the launcher, each a fresh process
+    ("import the package (`import instructrl.core.cli`)", ["-c", "import instructrl.core.cli"]),
+    ("load the registry (`instructrl plugins --json`)", ["-m", "instructrl.core.cli", "plugins", "--json"]),
+    ("resolve and validate a recipe (`instructrl run ppo --smoke --dry-run`)",
+     ["-m", "instructrl.core.cli", "run", "ppo", "--smoke", "--dry-run", "--quiet"]),
+]  # fmt: skip
+
+
+def startup_lines(repeats: int) -> list[str]:
+    """Wall seconds (median of ``repeats`` fresh processes) of each start-up step of ``instructrl run``."""
+    lines = ["", "Start-up of `instructrl run` (fresh processes, median of " f"{repeats}):", "",
+             "| step | wall (s) |", "|---|---|"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONWARNINGS": "ignore"}
+    for label, argv in STARTUP:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, *argv], capture_output=True, env=env, check=True)
+            times.append(time.perf_counter() - t0)
+        lines.append(f"| {label} | {sorted(times)[len(times) // 2]:.2f} |")
+        print(lines[-1], flush=True)
+    return lines
 
 
 def matmul_rate() -> float:
@@ -334,7 +363,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer steps and seeds (checks the benchmark runs)")
     p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "instructrl-peer-trl"))
     p.add_argument("--only", choices=["ours", "trl"], default=None, help="run one framework's rows only")
-    p.add_argument("--jobs", default=",".join([k for k, *_ in JOBS] + ["reward"]), help="comma-separated")
+    p.add_argument(
+        "--jobs", default=",".join([k for k, *_ in JOBS] + ["startup", "reward"]), help="comma-separated"
+    )
     p.add_argument("--threads", type=int, default=THREADS, help="torch threads per worker (default 2)")
     # worker mode
     p.add_argument("--worker", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
@@ -370,8 +401,9 @@ def main() -> None:
         f"{short} and {long} steps.",
         "",
         "| job | framework | s/step | TRL s/step ÷ ours | ours: rollout / score / reference / train (s) "
-        "| nominal GFLOP/step | share of fp32 matmul rate | peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| ours: untimed per step (s) | fixed cost (s) | nominal GFLOP/step | share of fp32 matmul rate "
+        "| peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     fp32_medium = None
     for key, label, model, runs in JOBS:
@@ -392,9 +424,12 @@ def main() -> None:
                 ratio = "(below)"
             if worker == "trl" and "ours" in results:
                 ratio = f"{r['s_per_step'] / results['ours']['s_per_step']:.2f}×"
+            # what the phases do not cover: the Trainer loop, logging, the optimiser step's bookkeeping
+            untimed = r["s_per_step"] - sum(ph.get(k, 0) for k in ("rollout", "score", "reference", "train"))
             lines.append(
                 f"| {label} ({m['params'] / 1e6:.2f}M params) | {fw} | {r['s_per_step']:.3f} | {ratio} "
-                f"| {split if worker == 'ours' else '–'} | {flops / 1e9:.1f} "
+                f"| {split if worker == 'ours' else '–'} | {f'{untimed:.3f}' if worker == 'ours' else '–'} "
+                f"| {r['fixed_s']:.1f} | {flops / 1e9:.1f} "
                 f"| {flops / r['s_per_step'] / rate:.1%} | {r['rss_mb']:.0f} |"
             )
             print(lines[-1], flush=True)
@@ -404,6 +439,8 @@ def main() -> None:
             lines.append(
                 f"| (bf16-mixed vs our fp32) | ours | | {fp32_medium / results['ours']['s_per_step']:.2f}× faster | | | | |"
             )
+    if "startup" in jobs:
+        lines += startup_lines(1 if args.quick else 3)
     if "reward" in jobs:
         steps = 6 if args.quick else 40
         seeds = [0] if args.quick else [0, 1, 2]
