@@ -726,7 +726,7 @@ def write_plots(
     frontier = plot_frontier(data, out_dir, baseline)
     if frontier is not None:
         written.append(frontier)
-    written += plot_curves(data, curves, out_dir, baseline)
+    written += plot_curves(data, list(dict.fromkeys(curves)), out_dir, baseline)  # each curve once
     note = None if written else "No plots: no finished run has RL metrics or an evaluation."
     return [str(p.relative_to(data.dir)) for p in written], note
 

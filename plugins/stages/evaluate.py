@@ -51,6 +51,12 @@ class EvalSection:
 
     n_prompts: int = param(500, "Held-out prompts in the final evaluation.", resume_safe=True)
     every: int = param(25, "Evaluate every N RL iterations (0 = only at the end).", resume_safe=True)
+    at: list[int] = param(
+        help="Further RL iterations to evaluate after (counts from 1), besides every `every`: e.g. [1, 2, 4, 8] "
+        "for a log-spaced over-optimisation curve.",
+        factory=list,
+        resume_safe=True,
+    )
     n_prompts_during: int = param(128, "Held-out prompts in the periodic evaluation.", resume_safe=True)
     temperature: float = param(1.0, "Sampling temperature of the T=1 comparison.", resume_safe=True)
     greedy: bool = param(True, "Also compare greedy responses.", resume_safe=True)
@@ -74,6 +80,8 @@ class EvalSection:
     def __post_init__(self) -> None:
         positive(self, "n_prompts", "n_prompts_during", "temperature", "batch_size", "pretrain_docs")
         non_negative(self, "every", "n_samples")
+        if any(not isinstance(i, int) or isinstance(i, bool) or i < 1 for i in self.at):
+            raise ValueError(f"at must list RL iterations >= 1 (got {self.at})")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1 or null (got {self.max_new_tokens})")
 

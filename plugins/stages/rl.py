@@ -59,7 +59,16 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from . import rl_step
-from .evaluate import Judges, against, eval_batch, lm_loss_on, load_policy_dir, rl_start, summary_name
+from .evaluate import (
+    EvalSection,
+    Judges,
+    against,
+    eval_batch,
+    lm_loss_on,
+    load_policy_dir,
+    rl_start,
+    summary_name,
+)
 from .rl_step import Experience, MicroStep
 
 
@@ -160,6 +169,13 @@ class Settings:
     # on-policy (1 epoch × 1 minibatch) in fp32 without full logits: the sampler's logprobs are the old
     # logprobs (no separate forward); the ratio == 1 check then compares training with the sampler
     old_from_rollout: bool = False
+
+
+def evaluates_after(done: int, cfg: EvalSection, iterations: int) -> bool:
+    """Whether the periodic evaluation runs after ``done`` RL iterations: every ``eval.every``, at
+    each of ``eval.at``, and at the end when either is set."""
+    periodic = bool(cfg.every or cfg.at)
+    return bool((cfg.every and done % cfg.every == 0) or done in cfg.at or (periodic and done == iterations))
 
 
 def settings(recipe: Recipe) -> Settings:
@@ -458,8 +474,7 @@ class RLModule(pl.LightningModule):
             )
         )  # fmt: skip
         m["kl/coef_next"] = float(self.comps.kl_controller.coef)
-        every = self.eval_cfg.every
-        if every and ((it + 1) % every == 0 or it + 1 == self.rl.iterations):
+        if evaluates_after(it + 1, self.eval_cfg, self.rl.iterations):
             with self.timer("eval"):
                 m.update(self.periodic_eval())
         m.update({f"time/{phase}_s": secs for phase, secs in self.timer.pop().items()})
@@ -532,7 +547,7 @@ class RLStage:
         keys = ["policy", "reward"] + (["value"] if recipe.derived.needs_values else [])
         baseline = (
             {"eval.against": against(recipe)}
-            if recipe.section("eval").every and rl_start(recipe) is not None
+            if (recipe.section("eval").every or recipe.section("eval").at) and rl_start(recipe) is not None
             else {}
         )
         return {k: cfg[k] for k in keys} | {c.name: cfg[c.name] for c in recipe.extra_losses} | baseline
@@ -587,7 +602,7 @@ class RLStage:
         comps, stateful = build_components(ctx)
         module = RLModule(recipe, comps, stateful)
         eval_cfg = recipe.section("eval")
-        if eval_cfg.every:
+        if eval_cfg.every or eval_cfg.at:
             if rl_start(recipe) is not None:  # win rates along the run against the eval stage's baseline
                 module.baseline = load_policy_dir(
                     ctx, ctx.resolve(against(recipe), "eval.against"), "eval.against"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -134,8 +135,14 @@ def test_every_target_worked_out_by_hand(claims_sweep):
     # (c): β = 2 ends at win 0.6; the PPO curve (start 0.5 → 0.55 → 0.65) has loss 2.4 there
     # (halfway between 2.2 and 2.6); β = 2's loss 2.5, 2.6, 2.7 → differences 0.1, 0.2, 0.3
     assert by["pretraining loss: β = 2 − PPO at β = 2's win rate"].value.startswith("+0.2 [")
-    # (d): the mean gold curve 0.28 (start), 0.38, 0.43, 0.33 peaks inside
-    assert by["PPO gold peaks inside the curve"].value == "yes"
+    # (d): the mean gold curve 0.28 (start), 0.38, 0.43, 0.33 peaks at the third point: 4 points to past it
+    peak = next(c for c in table if c.quantity.startswith("PPO gold curve: 4 points, √KL up to 3.00"))
+    assert peak.value == "peak at point 3 (√KL 2.00); 4 points from KL 0 to past it" and peak.ok is False
+    # the tax against the RL init (loss 1.2): PPO 3.0, 3.1, 3.2 → +1.9 on average; ptx recovers
+    # (3.0 − 2.4)/1.8, (3.1 − 2.4)/1.9, (3.2 − 2.4)/2.0
+    assert by["pretraining loss: PPO − its start, the RL init"].value.startswith("+1.9 [")
+    share = (0.6 / 1.8 + 0.7 / 1.9 + 0.8 / 2.0) / 3
+    assert by["share of that rise PPO-ptx recovers"].value.startswith(report.fmt(share))
     alpha, beta = figures["gao"]["eval/gold_score"]
     d, r = [1.0, 2.0, 3.0], [0.10, 0.15, 0.05]
     assert (alpha, beta) == pytest.approx(claims.fit_gao(d, r))
@@ -158,6 +165,9 @@ def test_the_command_writes_the_results_with_header_and_plot(claims_sweep, capsy
     assert "wall time of the sweep: 30.0 min" in text and "seeds 0, 1, 2" in text
     assert "| (f) | RL init gold score ÷ SFT's | 0.9333" in text and "**missed**" in text
     assert (out.parent / "img" / "results_overoptimisation.png").is_file()
+    links = re.findall(r"\]\(([^)]+\.png)\)", text)
+    assert any("results_sweep_" in link for link in links)  # the sweep's plots, copied beside it
+    assert all((out.parent / link).is_file() for link in links), links
     assert "## The sweep's report" in text and "ppo_ptx_vs_sft" in text  # the named comparisons
     assert "MISSED" in capsys.readouterr().out
 

@@ -115,3 +115,28 @@ def test_update_plan_covers_every_row_once_per_epoch_in_minibatches_of_micro_bat
     assert torch.equal(plan[0].minibatch_rows, torch.cat([plan[0].rows, plan[1].rows]))
     again = rl_step.update_plan(8, s, iteration=5)
     assert all(torch.equal(a.rows, b.rows) for a, b in zip(plan, again))  # seeded by (seed, iteration)
+
+
+@pytest.mark.parametrize(
+    ("every", "at", "evaluated"),
+    [
+        (25, [], [25, 50, 60]),  # every 25 and the end (60)
+        (0, [1, 2, 4, 8], [1, 2, 4, 8, 60]),  # log-spaced, and the end
+        (20, [5], [5, 20, 40, 60]),
+        (0, [], []),  # no periodic evaluation (the eval stage still runs at the end)
+    ],
+)
+def test_the_periodic_evaluation_runs_every_n_at_the_listed_iterations_and_at_the_end(every, at, evaluated):
+    from instructrl.plugins.stages.evaluate import EvalSection
+    from instructrl.plugins.stages.rl import evaluates_after
+
+    cfg = EvalSection(every=every, at=at)
+    assert [n for n in range(1, 61) if evaluates_after(n, cfg, 60)] == evaluated
+
+
+def test_eval_at_must_list_iterations():
+    from instructrl.core.config import load_recipe
+    from instructrl.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"eval.at must list RL iterations >= 1 \(got \[0, 4\]\)"):
+        load_recipe("ppo", ["eval.at=[0,4]"], smoke=True)
