@@ -105,6 +105,11 @@ class RLSection:
         None,
         "Split each minibatch into micro-batches of this many sequences (gradient accumulation); null = no split.",
     )
+    max_micro_batch_size: int | None = param(
+        32,
+        "With micro_batch_size null: at most this many sequences per forward/backward; a larger minibatch is cut "
+        "into the fewest equal micro-batches within it (bounds the activation memory); null = no cap.",
+    )
     lr: float = param(1e-4, "Policy learning rate (AdamW, constant after warmup).")
     warmup_iterations: int = param(0, "Linear learning-rate warmup, in iterations.")
     weight_decay: float = param(0.0, "AdamW weight decay (policy and value).")
@@ -120,8 +125,9 @@ class RLSection:
     def __post_init__(self) -> None:
         positive(self, "iterations", "epochs", "minibatches", "lr", "checkpoint_every")
         non_negative(self, "warmup_iterations", "weight_decay")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1 or null (got {self.micro_batch_size})")
+        for key in ("micro_batch_size", "max_micro_batch_size"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1 or null (got {getattr(self, key)})")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0 or null (got {self.grad_clip})")
         if self.entropy_coef < 0:
@@ -178,15 +184,29 @@ def evaluates_after(done: int, cfg: EvalSection, iterations: int) -> bool:
     return bool((cfg.every and done % cfg.every == 0) or done in cfg.at or (periodic and done == iterations))
 
 
+def micro_batch_rows(minibatch: int, micro_batch_size: int | None, cap: int | None) -> int:
+    """Sequences per micro-batch: ``micro_batch_size`` when set; else the whole ``minibatch`` when it
+    is within ``cap`` (or there is no cap); else ``minibatch / k`` for the smallest ``k`` that
+    divides it and brings it within ``cap`` (1 when nothing does)."""
+    if micro_batch_size is not None:
+        return micro_batch_size
+    if cap is None or minibatch <= cap:
+        return minibatch
+    return next(
+        minibatch // k for k in range(2, minibatch + 1) if minibatch % k == 0 and minibatch // k <= cap
+    )
+
+
 def settings(recipe: Recipe) -> Settings:
     """The flat settings the iteration reads."""
     ro, rl, value = recipe.section("rollout"), recipe.section("rl"), recipe.section("value")
     d = recipe.derived
+    minibatch = ro.prompts_per_iteration * d.samples_per_prompt // rl.minibatches
     return Settings(
         samples_per_prompt=d.samples_per_prompt, temperature=ro.temperature, max_new_tokens=ro.max_new_tokens,
         max_prompt_tokens=ro.max_prompt_tokens, kl_in_reward=recipe.section("kl").placement == "reward",
         needs_logits=d.needs_logits, greedy_baseline=d.greedy_baseline, iterations=rl.iterations,
-        epochs=rl.epochs, minibatches=rl.minibatches, micro_batch_size=rl.micro_batch_size,
+        epochs=rl.epochs, minibatches=rl.minibatches, micro_batch_size=micro_batch_rows(minibatch, rl.micro_batch_size, rl.max_micro_batch_size),
         entropy_coef=rl.entropy_coef, value_coef=value.coef, value_clip=value.clip,
         check_ratio=rl.check_ratio, seed=recipe.seed, kl_active=d.kl_active,
         old_from_rollout=rl.epochs == 1 and rl.minibatches == 1 and not d.needs_logits and d.precision == "32",
@@ -583,7 +603,7 @@ class RLStage:
             "samples_per_prompt": k,
             "episodes_per_iteration": f"{ro.prompts_per_iteration} prompts × {k} samples × {n} processes = {per_iter * n}",
             "minibatch": f"{per_iter} / {rl.minibatches} = {per_iter // rl.minibatches} sequences per process",
-            "micro_batch": rl.micro_batch_size or per_iter // rl.minibatches,
+            "micro_batch": micro_batch_rows(per_iter // rl.minibatches, rl.micro_batch_size, rl.max_micro_batch_size),
             "optimizer_steps_per_iteration": rl.epochs * rl.minibatches,
             "total_episodes": rl.iterations * per_iter * n,
             "total_optimizer_steps": rl.iterations * rl.epochs * rl.minibatches,

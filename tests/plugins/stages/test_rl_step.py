@@ -140,3 +140,36 @@ def test_eval_at_must_list_iterations():
 
     with pytest.raises(ConfigError, match=r"eval.at must list RL iterations >= 1 \(got \[0, 4\]\)"):
         load_recipe("ppo", ["eval.at=[0,4]"], smoke=True)
+
+
+    ("minibatch", "explicit", "cap", "rows"),
+    [
+        (64, None, 32, 32),  # 64 → 2 × 32
+        (48, None, 32, 24),  # 48 → 2 × 24
+        (96, None, 32, 32),  # 96 → 3 × 32
+        (16, None, 32, 16),  # within the cap: no split
+        (37, None, 32, 1),  # a prime above the cap: one sequence at a time
+        (64, None, None, 64),  # no cap
+        (64, 8, 32, 8),  # an explicit micro_batch_size wins
+    ],
+)
+def test_micro_batch_rows_is_the_fewest_equal_cut_within_the_cap(minibatch, explicit, cap, rows):
+    from instructrl.plugins.stages.rl import micro_batch_rows
+
+    assert micro_batch_rows(minibatch, explicit, cap) == rows
+
+
+def test_the_default_cap_splits_the_ppo_recipes_minibatch():
+    from instructrl.core.config import load_recipe
+    from instructrl.plugins.stages.rl import settings as rl_settings
+
+    recipe = load_recipe("ppo", ["advantage.name=grpo", "rollout.samples_per_prompt=4"])
+    assert recipe.section("rl").max_micro_batch_size == 32
+    s = rl_settings(recipe)  # 64 prompts × 4 samples / 4 minibatches = 64 sequences per minibatch
+    assert s.micro_batch_size == 32 and len(rl_step.update_plan(256, s, 0)) == 4 * 4 * 2
+    off = rl_settings(
+        load_recipe(
+            "ppo", ["advantage.name=grpo", "rollout.samples_per_prompt=4", "rl.max_micro_batch_size=null"]
+        )
+    )
+    assert off.micro_batch_size == 64
