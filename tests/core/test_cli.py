@@ -166,3 +166,18 @@ def test_json_output_is_the_json_document_alone(capsys, smoke_pipeline, tmp_path
     )  # fmt: skip
     assert code == 0, err
     assert json.loads(out)["eval/n_prompts"] == 8
+
+
+def test_the_result_table_shows_the_claims_of_one_seed(tmp_path):
+    from instructrl.core.cli import format_summary
+
+    summary = {
+        "eval/win_rate_vs_sft": 0.61, "eval/gold_content": 0.5, "eval/gold_content_sft": 0.4,
+        "eval/rl_start/gold_score": 0.3, "eval/rl_start/pretrain_loss": 1.1, "eval/pretrain_loss": 1.3,
+        "eval/pretrain_loss_sft": 6.1, "rm/accuracy": 0.72, "rm/accuracy/same_format": 0.55,
+    }  # fmt: skip
+    lines = format_summary(summary, tmp_path).splitlines()
+    table = {line.rsplit("  ", 1)[0].strip(): line.rsplit("  ", 1)[1] for line in lines[2:] if "  " in line}
+    assert table["gold content: RL"] == "0.5000" and table["gold content: SFT"] == "0.4000"
+    assert table["gold score: RL init"] == "0.3000" and table["pretrain-text loss: RL init"] == "1.1000"
+    assert table["rm/accuracy/same_format"] == "0.5500" and table["win rate vs SFT (T=1, ties ½)"] == "0.6100"
