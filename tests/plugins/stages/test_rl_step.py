@@ -142,6 +142,7 @@ def test_eval_at_must_list_iterations():
         load_recipe("ppo", ["eval.at=[0,4]"], smoke=True)
 
 
+@pytest.mark.parametrize(
     ("minibatch", "explicit", "cap", "rows"),
     [
         (64, None, 32, 32),  # 64 → 2 × 32
