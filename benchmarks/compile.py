@@ -6,7 +6,7 @@ minus eager calls), and the calls it takes to earn the compile time back, beside
 run makes (the GRPO job of peer_trl.py: 31 decode steps and 1 training forward per iteration;
 a typical run is 100–200 iterations). Adopt only where the break-even is well inside a run.
 
-    python benchmarks/compile.py [--threads 2] [--models small,medium] [--calls 30]
+    python benchmarks/compile.py [--threads 2] [--models small,medium] [--calls 30] [--parts decode,train]
 
 Timings are only meaningful on an otherwise idle machine.
 """
@@ -66,7 +66,9 @@ def decode_case(model: torch.nn.Module, compiled: bool, calls: int) -> tuple[flo
         model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
     step = LlamaDecodeStep.build(model, cache)
     assert step is not None
-    fn = torch.compile(step.__call__) if compiled else step.__call__
+    # dynamic: the cache slot ``index`` changes every step; specialised on it, dynamo would
+    # recompile per step until its recompile limit and then fall back to eager
+    fn = torch.compile(step.__call__, dynamic=True) if compiled else step.__call__
     attn = torch.ones(BATCH, 1, 1, PROMPT + NEW, dtype=torch.bool)
     tok = torch.randint(0, VOCAB, (BATCH,))
 
@@ -99,6 +101,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--models", default="small,medium")
     p.add_argument("--calls", type=int, default=30)
+    p.add_argument("--parts", default="decode,train", help="decode, train or both")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
@@ -115,7 +118,8 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     for name in a.models.split(","):
         model = build(name)
-        for part, case in (("decode step", decode_case), ("training forward + backward", train_case)):
+        cases = {"decode": ("decode step", decode_case), "train": ("training forward + backward", train_case)}
+        for part, case in (cases[k] for k in a.parts.split(",")):
             torch._dynamo.reset()
             e_first, eager = case(model, False, a.calls)
             c_first, comp = case(model, True, a.calls)
