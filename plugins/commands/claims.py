@@ -71,6 +71,18 @@ def fit_gao(d: Sequence[float], r: Sequence[float]) -> tuple[float, float]:
     return (say * sbb - sby * sab) / det, (saa * sby - sab * say) / det
 
 
+def recovered_share(
+    taxed: Mapping[int, float], mixed: Mapping[int, float], reference: Mapping[int, float]
+) -> Interval:
+    """Per seed, the share of the rise ``taxed − reference`` that ``mixed`` takes back:
+    ``(taxed − mixed) / (taxed − reference)`` (seeds with no rise left out), as a mean with its
+    interval over the seeds all three have."""
+    seeds = sorted(set(taxed) & set(mixed) & set(reference))
+    return mean_interval(
+        [(taxed[s] - mixed[s]) / (taxed[s] - reference[s]) for s in seeds if taxed[s] != reference[s]]
+    )
+
+
 def gao(d: float, alpha: float, beta: float) -> float:
     """``d(α − β log d)`` (0 at d = 0)."""
     return 0.0 if d <= 0 else d * (alpha - beta * math.log(d))
@@ -183,6 +195,11 @@ def _iv(values: Mapping[int, float]) -> Interval:
     return mean_interval([values[s] for s in sorted(values)])
 
 
+def _above(iv: Interval, bound: float) -> bool | None:
+    """The interval's lower bound above ``bound`` (``None`` without an interval)."""
+    return iv.low > bound if iv.n > 1 else None
+
+
 def _ge(iv: Interval, bound: float) -> bool | None:
     return None if math.isnan(iv.mean) else iv.mean >= bound
 
@@ -218,7 +235,7 @@ def checks(data: SweepData) -> tuple[list[Check], dict[str, Any]]:
             "(a)",
             "gold content: PPO-ptx − SFT (paired)",
             fmt_interval(content, signed=True),
-            content.low > 0 if content.n > 1 else None,
+            _above(content, 0.0),
         )
     )
 
@@ -227,21 +244,16 @@ def checks(data: SweepData) -> tuple[list[Check], dict[str, Any]]:
         data.values(ro.ppo, "eval/pretrain_loss"),
         data.values(ro.ppo_ptx, "eval/pretrain_loss"),
     )
-    rise = paired_difference(ppo_loss, data.sft_values(ro.ppo, "eval/pretrain_loss"))
+    rise = paired_difference(ppo_loss, data.sft_values(ro.ppo, "eval/pretrain_loss"))  # each run's own SFT
     out.append(
         Check(
             "(b)",
             "pretraining loss: PPO − SFT (paired)",
             fmt_interval(rise, signed=True),
-            rise.low > 0 if rise.n > 1 else None,
+            _above(rise, 0.0),
         )
     )
-    sft_loss = data.sft_values(ro.ppo, "eval/pretrain_loss")
-    seeds = sorted(set(ppo_loss) & set(ptx_loss) & set(sft_loss))
-    recov = [
-        (ppo_loss[s] - ptx_loss[s]) / (ppo_loss[s] - sft_loss[s]) for s in seeds if ppo_loss[s] != sft_loss[s]
-    ]
-    rec = mean_interval(recov)
+    rec = recovered_share(ppo_loss, ptx_loss, data.sft_values(ro.ppo, "eval/pretrain_loss"))
     out.append(Check("(b)", "share of the rise PPO-ptx recovers", fmt_interval(rec), _ge(rec, 0.5)))
     # the miniature's plain SFT model forgets the language (docs/instructgpt.md), so the tax is also
     # reported against the policy's start, the RL init
@@ -255,14 +267,7 @@ def checks(data: SweepData) -> tuple[list[Check], dict[str, Any]]:
             None,
         )
     )
-    both = sorted(set(ppo_loss) & set(ptx_loss) & set(start_loss))
-    rec0 = mean_interval(
-        [
-            (ppo_loss[s] - ptx_loss[s]) / (ppo_loss[s] - start_loss[s])
-            for s in both
-            if ppo_loss[s] != start_loss[s]
-        ]
-    )
+    rec0 = recovered_share(ppo_loss, ptx_loss, start_loss)
     out.append(Check("(b)", "share of that rise PPO-ptx recovers", fmt_interval(rec0), None))
     gap = paired_difference(
         data.values(ro.ppo_ptx, "eval/win_rate_vs_sft"), data.values(ro.ppo, "eval/win_rate_vs_sft")
@@ -272,7 +277,7 @@ def checks(data: SweepData) -> tuple[list[Check], dict[str, Any]]:
             "(b)",
             "win rate: PPO-ptx − PPO (paired)",
             fmt_interval(gap, signed=True),
-            gap.low >= -0.03 if gap.n > 1 else None,
+            None if gap.n < 2 else gap.low >= -0.03,
         )
     )
 
