@@ -36,6 +36,9 @@ from .report import Interval, ReportError, SweepData, fmt, fmt_interval, mean_in
 ROLES = {"ppo_ptx": "ppo_ptx_vs_sft", "ppo": "ppo_vs_sft", "beta2": "beta2_vs_ppo"}
 """Each arm's part, read from the comparison that names it as ``arm``."""
 
+OPTIONAL_ROLES = ("beta2",)
+"""Parts a smaller claims sweep may leave out (its rows then say so): (c) needs the β = 2 arm."""
+
 CURVE_KEYS = (
     "eval/kl_to_ref",
     "eval/gold_score",
@@ -109,16 +112,18 @@ class Roles:
 
     ppo_ptx: str
     ppo: str
-    beta2: str
+    beta2: str | None = None
 
 
 def roles(data: SweepData) -> Roles:
     """The arms by part, from the sweep's named comparisons; a :class:`ReportError` naming what
-    is missing when the sweep is not a claims sweep."""
+    is missing when the sweep is not a claims sweep (only the β = 2 arm may be absent)."""
     comps = data.meta.get("comparisons") or {}
     out = {}
     for part, name in ROLES.items():
         if name not in comps:
+            if part in OPTIONAL_ROLES:
+                continue
             raise ReportError(
                 f"{data.dir}: the sweep has no comparison '{name}' (the claims report reads "
                 "an `instructrl sweep instructgpt_claims` directory)"
@@ -299,7 +304,7 @@ def checks(data: SweepData) -> tuple[list[Check], dict[str, Any]]:
         Check(
             "(c)",
             f"pretraining loss: β = 2 − PPO at β = 2's win rate ({len(at_equal)} seeds on the curve)",
-            fmt_interval(eq, signed=True),
+            fmt_interval(eq, signed=True) if ro.beta2 else "no β = 2 arm in this sweep (no beta2_vs_ppo)",
             None,
         )
     )
@@ -439,7 +444,7 @@ def results_text(data: SweepData, out: Path, plot: str | None) -> str:
         f"- CPU: {prov.get('cpu') or 'not recorded'}",
         f"- wall time of the sweep: {'not recorded' if wall is None else f'{wall / 60:.1f} min'}; "
         f"seeds {', '.join(map(str, seeds))}; {done}/{len(data.runs)} runs finished",
-        f"- arms: PPO-ptx `{figures['roles'].ppo_ptx}`, PPO `{figures['roles'].ppo}`, β = 2 `{figures['roles'].beta2}`; "
+        f"- arms: PPO-ptx `{figures['roles'].ppo_ptx}`, PPO `{figures['roles'].ppo}`, β = 2 `{figures['roles'].beta2 or 'none'}`; "
         "SFT is each run's own SFT model (the baseline of every win rate)",
         "",
         "## Targets",

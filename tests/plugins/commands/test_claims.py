@@ -174,10 +174,20 @@ def test_the_command_writes_the_results_with_header_and_plot(claims_sweep, capsy
 
 def test_a_sweep_without_the_claims_comparisons_is_a_clear_error(claims_sweep, capsys):
     meta = json.loads((claims_sweep / "sweep.json").read_text())
-    del meta["comparisons"]["beta2_vs_ppo"]
+    del meta["comparisons"]["ppo_vs_sft"]
     (claims_sweep / "sweep.json").write_text(json.dumps(meta))
     assert main(["claims", str(claims_sweep)]) == 2
-    assert "no comparison 'beta2_vs_ppo'" in capsys.readouterr().err
+    assert "no comparison 'ppo_vs_sft'" in capsys.readouterr().err
+
+
+def test_without_the_beta2_arm_only_c_is_left_out(claims_sweep):
+    meta = json.loads((claims_sweep / "sweep.json").read_text())
+    del meta["comparisons"]["beta2_vs_ppo"]
+    (claims_sweep / "sweep.json").write_text(json.dumps(meta))
+    rows, _ = claims.checks(report.load_sweep(claims_sweep))
+    (c,) = [r for r in rows if r.target == "(c)"]
+    assert c.value == "no β = 2 arm in this sweep (no beta2_vs_ppo)" and c.ok is None
+    assert {r.target for r in rows} == {"(a)", "(b)", "(c)", "(d)", "(e)", "(f)"}
 
 
 def test_named_comparisons_against_sft_pair_each_run_with_its_own_sft(claims_sweep):
@@ -187,3 +197,47 @@ def test_named_comparisons_against_sft_pair_each_run_with_its_own_sft(claims_swe
     assert rows["ppo_ptx_vs_sft"].diffs["eval/win_rate_vs_sft"].mean == pytest.approx(0.21)  # vs ½
     assert rows["ppo_ptx_vs_ppo"].diffs["eval/win_rate_vs_sft"].mean == pytest.approx(-0.02)
     assert math.isnan(rows["beta2_vs_ppo"].diffs["eval/gold_content"].mean)  # β = 2 has no content figure
+
+
+def test_a_smoke_claims_sweep_runs_end_to_end_and_its_report_reads_the_runs(tmp_path, capsys):
+    """The bundled claims sweep cut to 2 arms (PPO, PPO-ptx) × 1 seed under --smoke, then
+    `instructrl claims` on it: every target row is written from the runs' own figures."""
+    import yaml
+    from instructrl.core.config import bundled_sweeps
+
+    spec = yaml.safe_load(bundled_sweeps()["instructgpt_claims"].read_text())
+    block = spec["sweep"]
+    block["zip"] = {"kl.coef": [0.02, 0.02], "ptx.coef": [0, 27.8]}
+    block["seeds"] = [0]
+    del block["comparisons"]["beta2_vs_ppo"]
+    spec["eval"]["at"] = [1]  # one in-run evaluation, so the PPO curve has a point past its start
+    path = tmp_path / "claims_smoke.yaml"
+    path.write_text(yaml.safe_dump(spec, allow_unicode=True))
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(path), "--smoke", "--out", str(out), "--workers", "1"]) == 0, (
+        capsys.readouterr().err
+    )
+    capsys.readouterr()
+
+    runs = {r.arm: r for r in report.load_sweep(out).runs}
+    assert set(runs) == {"kl.coef=0.02,ptx.coef=0", "kl.coef=0.02,ptx.coef=27.8"}
+    ppo, ptx = runs["kl.coef=0.02,ptx.coef=0"].summary, runs["kl.coef=0.02,ptx.coef=27.8"].summary
+    assert ppo["rm/accuracy"] == ptx["rm/accuracy"]  # one pipeline per seed: the arms share the RM
+
+    results = tmp_path / "docs" / "results.md"
+    assert main(["claims", str(out), "--out", str(results)]) == 0
+    text = results.read_text()
+    row = lambda target, quantity: next(  # noqa: E731
+        line for line in text.splitlines() if line.startswith(f"| {target} | {quantity}")
+    )
+    one = lambda x, signed=False: report.fmt_interval(report.mean_interval([x]), signed=signed)  # noqa: E731
+    assert one(ptx["eval/win_rate_vs_sft"]) in row("(a)", "PPO-ptx win rate vs SFT")
+    content = ptx["eval/gold_content"] - ptx["eval/gold_content_sft"]
+    assert one(content, signed=True) in row("(a)", "gold content: PPO-ptx − SFT")
+    rise = ppo["eval/pretrain_loss"] - ppo["eval/pretrain_loss_sft"]
+    assert one(rise, signed=True) in row("(b)", "pretraining loss: PPO − SFT")
+    assert one(ppo["rm/accuracy"]) in row("(e)", "RM accuracy vs gold")
+    init = ppo["eval/rl_start/gold_score"] / ppo["eval/gold_score_sft"]
+    assert one(init) in row("(f)", "RL init gold score ÷ SFT's")
+    assert "no β = 2 arm in this sweep" in row("(c)", "pretraining loss: β = 2")
+    assert "seeds 0;" in text and "2/2 runs finished" in text
